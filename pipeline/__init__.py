@@ -1,0 +1,1 @@
+"""Audio I/O, features, folds, metrics, the shared fold trainer and stage scripts."""

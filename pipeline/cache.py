@@ -1,0 +1,179 @@
+"""On-disk feature cache, in a folder keyed by a hash of every parameter
+that shapes the arrays (``features/<name>-<hash>/``).
+
+Clips are stored in shards: each worker task writes one ``.npy`` holding its
+clips' arrays concatenated on axis 0, plus an index (``.index.json``: fname,
+length, and the bad clips with their reason) written last. Why: creating a
+file costs ~1 ms on this kind of disk, far more than computing a short clip's
+log-mel, so one file per clip would cap the stage's speed. Clips keep their
+own lengths; a shard is memory-mapped so training reads only the windows it
+needs. Both files are written to a temp name and renamed, and a shard counts
+only once its index exists, so an interrupted run never leaves a half-written
+shard that is read as valid; the next run recomputes just the missing clips.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import param_hash
+from pipeline.spectral import FEATURE_VERSION
+from pipeline.workdir import WorkDir, atomic_write_bytes, atomic_write_json, read_json
+
+
+def feature_key_params(spec: dict, audio_cfg: dict) -> dict:
+    """Everything the array depends on: the feature's own settings, the
+    shared preprocessing and the code version."""
+    return {"feature": spec, "audio": {k: audio_cfg.get(k) for k in ("trim_top_db", "silence_peak")},
+            "version": FEATURE_VERSION}
+
+
+class FeatureStore:
+    """Read/write access to one feature's cache folder."""
+
+    def __init__(self, work: WorkDir, name: str, spec: dict, audio_cfg: dict):
+        self.name = name
+        self.spec = dict(spec)
+        self.kind = self.spec.get("kind", name)
+        self.params = feature_key_params(self.spec, audio_cfg)
+        self.key = param_hash(self.params)
+        self.root = work.features_dir(name, self.key)
+        self._index: dict[str, dict] = {}
+        self._maps: dict[Path, np.ndarray] = {}
+
+    def __getstate__(self):  # sent to worker processes without open memory maps
+        state = self.__dict__.copy()
+        state["_index"], state["_maps"] = {}, {}
+        return state
+
+    @property
+    def sr(self) -> int:
+        return int(self.spec.get("sr", 16000)) if self.kind != "vggish" else 16000
+
+    @property
+    def dtype(self) -> str:
+        return self.spec.get("dtype", "float32")
+
+    def compute_params(self) -> dict:
+        """Arguments for :func:`pipeline.spectral.compute_feature`."""
+        return {k: v for k, v in self.spec.items() if k not in ("kind", "sr", "dtype")}
+
+    def ensure_dir(self) -> None:
+        for split in ("train", "test"):
+            (self.root / split).mkdir(parents=True, exist_ok=True)
+        if not (self.root / "params.json").exists():
+            atomic_write_json(self.params, self.root / "params.json")
+
+    # -- writing -----------------------------------------------------------
+    def write_shard(self, split: str, arrays: dict[str, np.ndarray], bad: dict[str, dict]) -> Path:
+        """Store one task's clips: ``arrays`` fname -> array, ``bad`` fname -> {reason, detail}."""
+        names = list(arrays) + list(bad)
+        shard = self.root / split / f"shard-{param_hash(sorted(names), 16)}"
+        lengths = [int(a.shape[0]) for a in arrays.values()]
+        if arrays:
+            data = np.concatenate([np.asarray(a, dtype=self.dtype) for a in arrays.values()], axis=0)
+            buf = io.BytesIO()
+            np.save(buf, data)
+            atomic_write_bytes(shard.with_suffix(".npy"), buf.getvalue())
+        atomic_write_json({"fnames": list(arrays), "lengths": lengths, "bad": bad},
+                          shard.with_suffix(".index.json"))
+        return shard
+
+    # -- reading -----------------------------------------------------------
+    def index(self, split: str, refresh: bool = False) -> dict[str, dict]:
+        """fname -> {"shard", "start", "stop"} or {"bad": {reason, detail}}."""
+        if refresh or split not in self._index:
+            entries: dict[str, dict] = {}
+            folder = self.root / split
+            for idx_path in sorted(folder.glob("shard-*.index.json")) if folder.is_dir() else []:
+                meta = read_json(idx_path)
+                npy = idx_path.with_name(idx_path.name.replace(".index.json", ".npy"))
+                offset = 0
+                for fname, length in zip(meta["fnames"], meta["lengths"]):
+                    entries[fname] = {"shard": npy, "start": offset, "stop": offset + length}
+                    offset += length
+                for fname, why in meta.get("bad", {}).items():
+                    entries[fname] = {"bad": why}
+            self._index[split] = entries
+        return self._index[split]
+
+    def is_done(self, split: str, fname: str) -> bool:
+        return fname in self.index(split)
+
+    def bad_reason(self, split: str, fname: str) -> dict | None:
+        return self.index(split).get(fname, {}).get("bad")
+
+    def load(self, split: str, fname: str) -> np.ndarray:
+        """The clip's array, a view into a memory-mapped shard."""
+        entry = self.index(split).get(fname)
+        if entry is None:
+            raise FileNotFoundError(f"{self.root / split}: no {self.name} feature for {fname}: "
+                                    "run `python -m pipeline.features` first")
+        if "bad" in entry:
+            raise ValueError(f"{fname} ({split}) has no {self.name} feature: "
+                             f"{entry['bad']['reason']} {entry['bad'].get('detail', '')}")
+        mm = self._maps.get(entry["shard"])
+        if mm is None:
+            mm = self._maps[entry["shard"]] = np.load(entry["shard"], mmap_mode="r")
+        return mm[entry["start"]:entry["stop"]]
+
+    def length(self, split: str, fname: str) -> int:
+        entry = self.index(split)[fname]
+        return entry["stop"] - entry["start"]
+
+    # -- normalisation statistics -------------------------------------
+    @property
+    def stats_path(self) -> Path:
+        return self.root / "stats.json"
+
+    def stats(self) -> dict | None:
+        """Per-channel mean and std over training clips (label-free, so
+        sharing them across folds leaks nothing a model could exploit)."""
+        return read_json(self.stats_path)
+
+    def compute_stats(self, fnames: list[str], max_clips: int = 500, seed: int = 0) -> dict:
+        rng = np.random.default_rng(seed)
+        pick = list(fnames)
+        if len(pick) > max_clips:
+            pick = list(rng.choice(pick, size=max_clips, replace=False))
+        total = sq = None
+        count = 0
+        for fname in pick:
+            arr = np.asarray(self.load("train", fname), dtype=np.float64)
+            flat = arr.reshape(arr.shape[0], -1) if arr.ndim == 2 else arr.reshape(-1, arr.shape[-1])
+            s, s2 = flat.sum(axis=0), (flat ** 2).sum(axis=0)
+            total = s if total is None else total + s
+            sq = s2 if sq is None else sq + s2
+            count += flat.shape[0]
+        if count == 0:
+            raise ValueError(f"no usable training clips to compute {self.name} statistics")
+        mean = total / count
+        std = np.sqrt(np.maximum(sq / count - mean ** 2, 1e-12))
+        # per last-axis channel: reduce everything else to one value per channel
+        arr_shape = np.asarray(self.load("train", pick[0])).shape
+        if len(arr_shape) > 2:
+            mean_c = mean.reshape(-1, arr_shape[-1]).mean(axis=0)
+            std_c = std.reshape(-1, arr_shape[-1]).mean(axis=0)
+        elif self.kind == "wave":
+            mean_c, std_c = np.zeros(1), np.ones(1)  # waveforms are already peak-normalised
+        else:
+            mean_c, std_c = mean, std
+        stats = {"mean": [float(v) for v in mean_c], "std": [float(v) for v in std_c], "clips": len(pick)}
+        atomic_write_json(stats, self.stats_path)
+        return stats
+
+
+def feature_stores(work: WorkDir, cfg: dict, names: list[str] | None = None) -> dict[str, FeatureStore]:
+    feats = cfg.get("features", {})
+    names = names if names is not None else list(feats)
+    unknown = [n for n in names if n not in feats]
+    if unknown:
+        raise KeyError(f"feature(s) {unknown} not defined in the preset's features section")
+    return {n: FeatureStore(work, n, feats[n], cfg.get("audio", {})) for n in names}
+
+
+def describe(store: FeatureStore) -> str:
+    return f"{store.name} ({store.kind}, key {store.key}): {json.dumps(store.spec, sort_keys=True)}"
