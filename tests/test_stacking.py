@@ -1,0 +1,423 @@
+"""Tests of ``stacking/``: blends, level-2 learners, honest cross-validated
+scoring, input refusals and the stage end to end.
+
+Kept light for a 2-core machine: LightGBM with n_jobs=1 and few trees,
+tables of a few hundred rows.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.cache import FeatureStore
+from pipeline.config import load_config
+from pipeline.metrics import map_at_3
+from pipeline.predictions import probs_frame, write_table
+from pipeline.submission import validate_submission
+from pipeline.workdir import WorkDir
+from stacking.base import Level2Estimator
+from stacking.blends import GeometricMeanBlend, MeanBlend, RankBlend
+from stacking.evaluate import cross_validated_predictions, evaluate
+from stacking.features import mfcc_statistics
+from stacking.inputs import StackInputs, load_stack_inputs
+from stacking.learners import LightGBMStacker, LogisticFusion
+from stacking import stack
+
+CHANCE_10 = (1 + 1 / 2 + 1 / 3) / 10  # MAP@3 of a random ranking over 10 classes
+
+
+def softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def signal_probs(rng, y, n_classes, strength, noise=1.0):
+    """Probabilities whose logit for the true class is raised by ``strength``
+    (negative: an 'inverted' model that ranks the truth low)."""
+    logits = rng.normal(0, noise, (len(y), n_classes))
+    logits[np.arange(len(y)), y] += strength
+    return softmax(logits)
+
+
+def make_inputs(oof, y, n_folds=5, seed=0, verified=None):
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    folds = np.arange(n) % n_folds
+    rng.shuffle(folds)
+    k = next(iter(oof.values())).shape[1]
+    return StackInputs(fnames=[f"clip{i:04d}.wav" for i in range(n)], y=np.asarray(y),
+                       verified=rng.random(n) < 0.5 if verified is None else verified,
+                       folds=folds, classes=[f"c{j}" for j in range(k)], oof=oof)
+
+
+def fast_lgbm(**kw):
+    return LightGBMStacker(n_estimators=kw.pop("n_estimators", 30), n_jobs=1, **kw)
+
+
+# ---------------------------------------------------------------------------
+# leakage: honest CV stays at chance on noise, a leaky evaluation does not
+@pytest.fixture(scope="module")
+def noise_inputs():
+    rng = np.random.default_rng(42)
+    n, k = 600, 10
+    oof = {f"noise{i}": rng.dirichlet(np.ones(k), n) for i in range(3)}
+    return make_inputs(oof, rng.integers(0, k, n), seed=1)
+
+
+@pytest.mark.parametrize("make", [MeanBlend, GeometricMeanBlend, RankBlend, LogisticFusion,
+                                  lambda: LogisticFusion(per_model_weights=True, class_bias=True),
+                                  fast_lgbm], ids=["mean", "geomean", "rank", "logreg", "logreg_w", "lightgbm"])
+def test_cross_validated_score_of_noise_is_chance(noise_inputs, make):
+    proba = cross_validated_predictions(make, noise_inputs)
+    assert proba.shape == (600, 10) and np.allclose(proba.sum(axis=1), 1)
+    assert map_at_3(noise_inputs.y, proba) < 0.25, "stacker scored well above chance on pure noise: leakage"
+
+
+@pytest.mark.parametrize("make, floor", [(LogisticFusion, 0.30), (fast_lgbm, 0.50)], ids=["logreg", "lightgbm"])
+def test_leaky_evaluation_would_be_caught(noise_inputs, make, floor):
+    """Fit and score on the same rows (what evaluate never does): the score
+    jumps well above chance, so the chance-level check above can fail."""
+    learner = make()
+    learner.fit(noise_inputs.oof, noise_inputs.y, verified=noise_inputs.verified)
+    leaky = map_at_3(noise_inputs.y, learner.predict_proba(noise_inputs.oof))
+    assert CHANCE_10 < 0.2 and leaky > floor
+
+
+class SpyLearner(Level2Estimator):
+    """Records which rows (ids passed as the extra feature) it fit and predicted."""
+    log: list = []
+
+    def fit(self, X_models, y, sample_weight=None, *, extra=None, verified=None):
+        self._check_models(X_models, fitting=True)
+        self.seen_ = set(np.asarray(extra)[:, 0].astype(int))
+        return self
+
+    def predict_proba(self, X_models, *, extra=None):
+        ids = set(np.asarray(extra)[:, 0].astype(int))
+        SpyLearner.log.append((self.seen_, ids))
+        return np.full((len(ids), self.n_classes_), 1.0 / self.n_classes_)
+
+
+def test_cross_validation_never_predicts_rows_it_fit(noise_inputs):
+    inputs = StackInputs(**{**noise_inputs.__dict__, "extra": np.arange(600)[:, None].astype(float)})
+    SpyLearner.log.clear()
+    cross_validated_predictions(SpyLearner, inputs)
+    assert len(SpyLearner.log) == 5
+    predicted = set()
+    for fit_rows, pred_rows in SpyLearner.log:
+        assert not fit_rows & pred_rows
+        assert fit_rows | pred_rows == set(range(600))
+        predicted |= pred_rows
+    assert predicted == set(range(600))
+
+
+# ---------------------------------------------------------------------------
+# blends and stackers on hand-made tables
+def test_mean_blend_flips_ranking_and_weights():
+    a = np.array([[0.5, 0.35, 0.15]])
+    b = np.array([[0.1, 0.4, 0.5]])
+    X = {"a": a, "b": b}
+    mean = MeanBlend().fit(X).predict_proba(X)
+    assert np.allclose(mean, [[0.3, 0.375, 0.325]])
+    assert list(np.argsort(-mean[0])) == [1, 2, 0]  # class 1 is first, though second for both models
+    weighted = MeanBlend(weights={"a": 3, "b": 1}).fit(X).predict_proba(X)
+    assert np.allclose(weighted, [[0.4, 0.3625, 0.2375]])
+    assert list(np.argsort(-weighted[0])) == [0, 1, 2]
+
+
+def test_geometric_and_arithmetic_mean_differ():
+    X = {"a": np.array([[0.9, 0.05, 0.05]]), "b": np.array([[0.01, 0.5, 0.49]])}
+    arith = MeanBlend().fit(X).predict_proba(X)
+    geo = GeometricMeanBlend().fit(X).predict_proba(X)
+    assert np.allclose(arith, [[0.455, 0.275, 0.27]])
+    raw = np.sqrt([0.9 * 0.01, 0.05 * 0.5, 0.05 * 0.49])  # 0.0949, 0.1581, 0.1565
+    assert np.allclose(geo, [raw / raw.sum()], atol=1e-6)
+    assert arith[0].argmax() == 0 and geo[0].argmax() == 1  # a veto by model b under the geometric mean
+
+
+def test_rank_average_on_tiny_table():
+    X = {"a": np.array([[0.9, 0.1], [0.5, 0.5], [0.1, 0.9]]),
+         "b": np.array([[0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])}
+    # class 0 ranks: a [3,2,1], b [2,3,1] -> mean [2.5,2.5,1]; class 1: a [1,2,3], b [2,1,3] -> [1.5,1.5,3]
+    out = RankBlend().fit(X).predict_proba(X)
+    assert np.allclose(out, [[0.625, 0.375], [0.625, 0.375], [0.25, 0.75]])
+
+
+def test_blend_refuses_unknown_weight_and_other_models():
+    X = {"a": np.full((2, 2), 0.5)}
+    with pytest.raises(ValueError, match="zzz"):
+        MeanBlend(weights={"zzz": 1}).fit(X)
+    blend = MeanBlend().fit(X)
+    with pytest.raises(ValueError, match="fit on models"):
+        blend.predict_proba({"b": np.full((2, 2), 0.5)})
+
+
+def test_stackers_learn_from_an_inverted_model():
+    """A model that ranks the truth lowest is useless to a blend but gives a
+    stacker everything: the restricted LR learns a negative weight, and all
+    stackers rank the truth first far more often than the blend."""
+    rng = np.random.default_rng(3)
+    n, k = 400, 4
+    y = rng.integers(0, k, n)
+    inputs = make_inputs({"inverted": signal_probs(rng, y, k, -4.0), "noise": rng.dirichlet(np.ones(k), n)}, y)
+    blend = map_at_3(y, cross_validated_predictions(MeanBlend, inputs))
+    assert blend < 0.45
+    restricted = LogisticFusion(per_model_weights=True).fit(inputs.oof, y)
+    assert restricted.model_weights_["inverted"] < -1.0
+    assert abs(restricted.model_weights_["noise"]) < 0.3 * abs(restricted.model_weights_["inverted"])
+    for make in (LogisticFusion, lambda: LogisticFusion(per_model_weights=True), fast_lgbm):
+        assert map_at_3(y, cross_validated_predictions(make, inputs)) > 0.9
+
+
+def test_learners_fill_classes_missing_from_training():
+    rng = np.random.default_rng(0)
+    X = {"m": rng.dirichlet(np.ones(5), 50)}
+    y = rng.integers(0, 4, 50)  # class 4 never seen
+    for learner in (LogisticFusion(), fast_lgbm(n_estimators=5)):
+        p = learner.fit(X, y).predict_proba(X)
+        assert p.shape == (50, 5) and np.allclose(p.sum(axis=1), 1) and (p[:, 4] < 0.01).all()
+    # the restricted LR only reweights the models' own scores: every class keeps a share
+    p = LogisticFusion(per_model_weights=True).fit(X, y).predict_proba(X)
+    assert p.shape == (50, 5) and np.allclose(p.sum(axis=1), 1)
+
+
+def test_lightgbm_is_deterministic_and_uses_weights_and_extra():
+    rng = np.random.default_rng(5)
+    n, k = 200, 3
+    y = rng.integers(0, k, n)
+    X = {"m": signal_probs(rng, y, k, 1.0)}
+    extra = pd.DataFrame({"f0": rng.normal(size=n), "f1": np.where(rng.random(n) < 0.2, np.nan, y)})
+    verified = rng.random(n) < 0.5
+    p1 = fast_lgbm().fit(X, y, extra=extra, verified=verified).predict_proba(X, extra=extra)
+    p2 = fast_lgbm().fit(X, y, extra=extra.to_numpy(), verified=verified).predict_proba(X, extra=extra.to_numpy())
+    assert np.array_equal(p1, p2)
+    p3 = fast_lgbm(unverified_weight=None).fit(X, y, extra=extra, verified=verified).predict_proba(X, extra=extra)
+    assert not np.allclose(p1, p3)
+    with pytest.raises(ValueError, match="extra"):
+        fast_lgbm().fit(X, y, extra=extra).predict_proba(X)
+
+
+def test_evaluate_scores_models_blends_and_stackers():
+    rng = np.random.default_rng(7)
+    n, k = 300, 5
+    y = rng.integers(0, k, n)
+    inputs = make_inputs({"good": signal_probs(rng, y, k, 2.0), "noise": rng.dirichlet(np.ones(k), n)}, y)
+    test_y = np.array([0, 1, -1, 2])
+    inputs.test = {"good": signal_probs(rng, np.array([0, 1, 0, 2]), k, 6.0), "noise": rng.dirichlet(np.ones(k), 4)}
+    inputs.test_fnames = ["t0", "t1", "t2", "t3"]
+    ev = evaluate(inputs, {"geomean": GeometricMeanBlend(), "logreg": LogisticFusion()}, test_y=test_y)
+    assert list(ev.scores.columns) == ["name", "kind", "map3_all", "map3_verified", "accuracy_all", "map3_test"]
+    assert list(ev.scores["name"]) == ["good", "noise", "geomean", "logreg"]
+    assert list(ev.scores["kind"]) == ["model", "model", "blend", "stacker"]
+    good = ev.scores.set_index("name").loc["good"]
+    assert good["map3_all"] == pytest.approx(map_at_3(y, inputs.oof["good"]))
+    assert good["map3_test"] == pytest.approx(1.0)
+    assert ev.scores.set_index("name").loc["logreg", "map3_all"] > good["map3_all"] - 0.03
+    with pytest.raises(ValueError, match="model names"):
+        evaluate(inputs, {"good": MeanBlend()})
+
+
+# ---------------------------------------------------------------------------
+# inputs: refusals name the model
+CLASSES = ["bark", "meow", "tweet"]
+
+
+@pytest.fixture()
+def small_work(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 30
+    folds = pd.DataFrame({"fname": [f"f{i:02d}.wav" for i in range(n)],
+                          "label": [CLASSES[i % 3] for i in range(n)],
+                          "manually_verified": rng.integers(0, 2, n), "fold": np.arange(n) % 3})
+    work = WorkDir(tmp_path / "work")
+    folds.to_csv(work.folds_csv, index=False)
+    test_fnames = ["t0.wav", "t1.wav"]
+    for m in ("ok", "bad"):
+        write_table(probs_frame(folds["fname"], rng.dirichlet(np.ones(3), n), CLASSES, folds["fold"]), work.oof_csv(m))
+        write_table(probs_frame(test_fnames, rng.dirichlet(np.ones(3), 2), CLASSES), work.test_csv(m))
+    return work, folds, test_fnames
+
+
+def _rewrite_oof(work, edit):
+    df = pd.read_csv(work.oof_csv("bad"), dtype={"fname": str})
+    edit(df).to_csv(work.oof_csv("bad"), index=False)
+
+
+def test_inputs_load_and_align(small_work):
+    work, folds, test_fnames = small_work
+    df = pd.read_csv(work.oof_csv("ok"))
+    df.sample(frac=1, random_state=0).to_csv(work.oof_csv("ok"), index=False)  # row order does not matter
+    inputs = load_stack_inputs(work, ["ok", "bad"], classes=CLASSES, test_fnames=test_fnames)
+    assert inputs.fnames == folds["fname"].tolist()
+    assert np.array_equal(inputs.y, np.arange(30) % 3)
+    assert np.array_equal(inputs.folds, folds["fold"].to_numpy())
+    assert np.allclose(inputs.oof["ok"], df[CLASSES].to_numpy() / df[CLASSES].to_numpy().sum(1, keepdims=True),
+                       atol=1e-6)
+    assert inputs.test["bad"].shape == (2, 3) and inputs.test_fnames == test_fnames
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda df: df.iloc[1:], "misses 1 of the 30 clips"),
+    (lambda df: pd.concat([df, df.iloc[:1].assign(fname="stranger.wav")]), "not in folds.csv"),
+    (lambda df: df.assign(fold=(df["fold"] + 1) % 3), "came from different folds"),
+    (lambda df: df.assign(meow=np.where(df.index == 4, np.nan, df["meow"])), "non-finite"),
+    (lambda df: df.rename(columns={"tweet": "chirp"}), "class columns differ"),
+    (lambda df: df.drop(columns="fold"), "no fold column"),
+    (lambda df: pd.concat([df, df.iloc[:1]]), "twice"),
+], ids=["missing", "extra", "folds", "nan", "classes", "nofold", "duplicate"])
+def test_inputs_refuse_bad_oof_naming_the_model(small_work, edit, message):
+    work, _, test_fnames = small_work
+    _rewrite_oof(work, edit)
+    with pytest.raises(ValueError, match=message) as err:
+        load_stack_inputs(work, ["ok", "bad"], classes=CLASSES, test_fnames=test_fnames)
+    assert "'bad'" in str(err.value) and "'ok'" not in str(err.value)
+
+
+def test_inputs_refuse_missing_or_misordered_tables(small_work):
+    work, _, test_fnames = small_work
+    test = pd.read_csv(work.test_csv("bad"))
+    test.iloc[::-1].to_csv(work.test_csv("bad"), index=False)
+    with pytest.raises(ValueError, match="'bad'.*order"):
+        load_stack_inputs(work, ["ok", "bad"], classes=CLASSES, test_fnames=test_fnames)
+    work.oof_csv("bad").unlink()
+    with pytest.raises(FileNotFoundError, match="'bad'"):
+        load_stack_inputs(work, ["ok", "bad"], classes=CLASSES, test_fnames=test_fnames)
+
+
+# ---------------------------------------------------------------------------
+# MFCC statistics
+def test_mfcc_statistics_and_bad_clips(tmp_path):
+    store = FeatureStore(WorkDir(tmp_path), "mfcc", {"kind": "mfcc", "n_mfcc": 2}, {})
+    store.ensure_dir()
+    a = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0], [10.0, 5.0]])
+    store.write_shard("train", {"a.wav": a}, {"silent.wav": {"reason": "silent"}})
+    store.write_shard("train", {"wide.wav": np.zeros((3, 3))}, {})
+    out = mfcc_statistics(store, "train", ["a.wav", "silent.wav", "never.wav", "wide.wav"])
+    assert out.shape == (4, 8)
+    x = a[:, 0]
+    m2, m3 = ((x - x.mean()) ** 2).mean(), ((x - x.mean()) ** 3).mean()
+    # layout: max of each coefficient, then min, variance, skewness
+    assert np.allclose(out[0], [10, 5, 1, 5, m2, 0, m3 / m2 ** 1.5, 0])
+    assert np.isnan(out[1:]).all()
+
+
+# ---------------------------------------------------------------------------
+# the stage end to end
+@pytest.fixture()
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
+
+
+def make_stage_dirs(tmp_path, with_mfcc=True):
+    rng = np.random.default_rng(11)
+    classes = ["a", "b", "c", "d", "e"]
+    n, n_test, k = 500, 40, 5
+    y = np.arange(n) % k
+    rng.shuffle(y)
+    y_test = rng.integers(0, k, n_test)
+    data = tmp_path / "data"
+    data.mkdir()
+    train = pd.DataFrame({"fname": [f"tr{i:03d}.wav" for i in range(n)], "label": np.array(classes)[y],
+                          "manually_verified": rng.integers(0, 2, n)})
+    train.to_csv(data / "train.csv", index=False)
+    test_fnames = [f"te{i:03d}.wav" for i in range(n_test)]
+    pd.DataFrame({"fname": test_fnames, "label": "a b c"}).to_csv(data / "sample_submission.csv", index=False)
+    pd.DataFrame({"fname": test_fnames, "label": np.array(classes)[y_test]}).to_csv(data / "test_labels.csv",
+                                                                                    index=False)
+    work = WorkDir(tmp_path / "work")
+    folds = train.assign(fold=np.arange(n) % 5)
+    folds.to_csv(work.folds_csv, index=False)
+    tables = {"good": (signal_probs(rng, y, k, 1.5), signal_probs(rng, y_test, k, 1.5)),
+              "noise": (rng.dirichlet(np.ones(k), n), rng.dirichlet(np.ones(k), n_test))}
+    for m, (oof, test) in tables.items():
+        write_table(probs_frame(train["fname"], oof, classes, folds["fold"]), work.oof_csv(m))
+        write_table(probs_frame(test_fnames, test, classes), work.test_csv(m))
+    cfg_text = ("seed: 1\nfeatures:\n  mfcc: {kind: mfcc, n_mfcc: 3}\nrun:\n  models: [good, noise, untrained]\n"
+                "stacking:\n  lightgbm: {n_estimators: 15}\n")
+    cfg_path = tmp_path / "preset.yaml"
+    cfg_path.write_text(cfg_text)
+    if with_mfcc:
+        store = FeatureStore(work, "mfcc", {"kind": "mfcc", "n_mfcc": 3}, {})
+        store.ensure_dir()
+        store.write_shard("train", {f: rng.normal(size=(8, 3)) for f in train["fname"][:-3]}, {})
+        store.write_shard("test", {f: rng.normal(size=(8, 3)) for f in test_fnames}, {})
+    return data, work, cfg_path, test_fnames
+
+
+def test_stage_end_to_end(tmp_path, restore_logging, capsys):
+    data, work, cfg_path, test_fnames = make_stage_dirs(tmp_path)
+    argv = ["--config", str(cfg_path), "--data", str(data), "--work", str(work.root)]
+    assert stack.cli(argv) == 0
+    assert str(work.submission_csv) in capsys.readouterr().out
+    d = work.stacking_dir
+    scores = pd.read_csv(d / "scores.csv")
+    names = ["good", "noise", "mean", "geomean", "rank", "logreg", "lightgbm"]
+    assert list(scores["name"]) == names
+    assert list(scores.columns) == ["name", "kind", "map3_all", "map3_verified", "accuracy_all", "map3_test"]
+    assert scores[["map3_all", "map3_verified", "map3_test"]].notna().all().all()
+    sub = pd.read_csv(work.submission_csv)
+    validate_submission(sub, test_fnames, ["a", "b", "c", "d", "e"])
+    for name in names:
+        validate_submission(pd.read_csv(d / "submissions" / f"{name}.csv"), test_fnames, list("abcde"))
+    for name in names[2:]:
+        oof = pd.read_csv(d / f"{name}_oof.csv")
+        assert len(oof) == 500 and list(oof.columns[:2]) == ["fname", "fold"]
+    final_test = pd.read_csv(d / "final_test.csv")
+    assert final_test["fname"].tolist() == test_fnames
+    summary = pd.read_json(d / "summary.json", typ="series")
+    s = scores.set_index("name")
+    assert summary["final"] in names and summary["mfcc_statistics"] == "mfcc"
+    assert summary["cv_map3_all"] == pytest.approx(s["map3_all"].max())
+    assert summary["cv_map3_all"] >= s.loc["good", "map3_all"] - 0.02
+    assert s.loc["logreg", "map3_all"] >= s.loc["good", "map3_all"] - 0.05
+    assert s.loc["good", "map3_all"] > s.loc["noise", "map3_all"] + 0.2
+
+    # a rerun with unchanged inputs skips; a changed input table reruns
+    mtime = os.stat(d / "scores.csv").st_mtime_ns
+    cfg = load_config(str(cfg_path))
+    assert stack.run_stacking(cfg, data, work)["skipped"] is True
+    assert os.stat(d / "scores.csv").st_mtime_ns == mtime
+    os.utime(work.oof_csv("noise"), ns=(1_000_000_000, 1_000_000_000))
+    cfg["stacking"]["final"] = "logreg"
+    cfg["stacking"]["learners"] = ["geomean", "logreg"]
+    again = stack.run_stacking(cfg, data, work)
+    assert again["skipped"] is False and again["final"] == "logreg"
+    assert pd.read_csv(work.submission_csv).equals(pd.read_csv(d / "submissions" / "logreg.csv"))
+    assert sorted(p.name for p in d.glob("*_oof.csv")) == ["geomean_oof.csv", "logreg_oof.csv"]
+    assert sorted(p.stem for p in (d / "submissions").glob("*.csv")) == ["geomean", "good", "logreg", "noise"]
+
+
+def test_stage_refuses_bad_tables_and_runs_without_mfcc(tmp_path, restore_logging, capsys):
+    data, work, cfg_path, _ = make_stage_dirs(tmp_path, with_mfcc=False)
+    cfg = load_config(str(cfg_path))
+    cfg["stacking"]["learners"] = ["lightgbm"]
+    out = stack.run_stacking(cfg, data, work)
+    assert out["mfcc_statistics"] is None and out["models"] == ["good", "noise"]
+
+    oof = pd.read_csv(work.oof_csv("noise"))
+    oof.iloc[5:].to_csv(work.oof_csv("noise"), index=False)
+    argv = ["--config", str(cfg_path), "--data", str(data), "--work", str(work.root)]
+    assert stack.cli(argv) == 2
+    assert "'noise'" in capsys.readouterr().err
+    cfg["stacking"]["models"] = ["good", "untrained"]
+    with pytest.raises(FileNotFoundError, match="untrained"):
+        stack.run_stacking(cfg, data, work)
+    cfg["stacking"]["models"] = None
+    cfg["stacking"]["learners"] = ["boosting"]
+    with pytest.raises(ValueError, match="boosting"):
+        stack.run_stacking(cfg, data, work)
