@@ -1,0 +1,49 @@
+"""Training labels: which class each training clip is trained towards, and
+with how much label smoothing.
+
+Default (the LR-fusion paper): the given label, smoothed by verification
+status (0.05 verified, 0.3 non-verified). When the pseudo-labelling stage has
+written ``labels.csv`` and the preset uses it, its labels and per-row
+epsilons are used instead.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from pipeline.workdir import WorkDir
+
+log = logging.getLogger("labels")
+
+
+def training_labels(cfg: dict, work: WorkDir, folds: pd.DataFrame, train_cfg: dict | None = None) -> pd.DataFrame:
+    """fname, label, epsilon, verified for every row of folds.csv."""
+    tcfg = train_cfg or cfg.get("training", {})
+    eps_v = float(tcfg.get("smoothing_verified", 0.05) or 0.0)
+    eps_u = float(tcfg.get("smoothing_unverified", 0.3) or 0.0)
+    table = folds[["fname", "label", "manually_verified"]].copy()
+    table["verified"] = table["manually_verified"].astype(int)
+    table["epsilon"] = np.where(table["verified"] == 1, eps_v, eps_u)
+    source = cfg.get("labels", {}).get("source", "given")
+    if source == "pseudo":
+        if not work.labels_csv.exists():
+            raise FileNotFoundError(f"{work.labels_csv} is missing: the preset trains on pseudo-labels, "
+                                    "run `python -m pipeline.pseudo_label` first")
+        pseudo = pd.read_csv(work.labels_csv, dtype={"fname": str, "label": str})
+        missing = set(table["fname"]) - set(pseudo["fname"])
+        if missing:
+            raise ValueError(f"{work.labels_csv} lacks {len(missing)} clip(s) of folds.csv, e.g. {sorted(missing)[:3]}")
+        pseudo = pseudo.set_index("fname").loc[table["fname"]]
+        table["label"] = pseudo["label"].to_numpy()
+        table["epsilon"] = pseudo["epsilon"].astype(float).to_numpy()
+        # rows the verification accepted or relabelled count as trusted for loss masking
+        table["verified"] = (pseudo["status"].astype(str) != "unresolved").astype(int).to_numpy()
+    elif source != "given":
+        raise ValueError(f"labels.source must be 'given' or 'pseudo', got {source!r}")
+    return table[["fname", "label", "epsilon", "verified"]].reset_index(drop=True)
+
+
+def table_hash(df: pd.DataFrame) -> str:
+    return format(int(pd.util.hash_pandas_object(df, index=False).sum()) & 0xFFFFFFFFFFFF, "x")

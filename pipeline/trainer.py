@@ -1,0 +1,275 @@
+"""The shared fold trainer every model uses.
+
+One fold = train on the other folds' clips with random-offset windows,
+evaluate the held-out clips after every epoch with the clip-level MAP@3
+(sliding windows combined by geometric mean), reduce the learning rate on a
+plateau of that score, stop early, keep the best weights (``best.keras``).
+Then predict the held-out clips (out-of-fold) and the test clips.
+
+Everything that varies between models comes from the model's config; the
+trainer never special-cases a model. Each epoch ends with a checkpoint
+(``last.keras`` + ``state.json``), so an interrupted fold resumes from its
+last finished epoch; batch randomness is seeded by (seed, fold, epoch), so a
+resumed run draws the same batches as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from models import load_model as load_saved_model  # imports custom layers first
+from pipeline.augment import balanced_sample_weights, mixup, smoothed_targets, spec_augment
+from pipeline.config import param_hash
+from pipeline.losses import TaggingCrossEntropy
+from pipeline.metrics import accuracy, map_at_3
+from pipeline.predictions import EPS, normalize_rows
+from pipeline.windows import random_window, sliding_windows
+from pipeline.workdir import atomic_write_csv, atomic_write_json, read_json
+
+log = logging.getLogger("trainer")
+
+
+def set_determinism(seed: int) -> None:
+    """Same config, same machine -> same predictions (within float tolerance)."""
+    keras.utils.set_random_seed(int(seed))
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+        try:
+            tf.config.experimental.enable_op_determinism()
+        except Exception:  # older TF: best effort
+            pass
+
+
+class Normalizer:
+    """Per-channel standardisation with the feature's cached statistics."""
+
+    def __init__(self, stats: dict | None):
+        self.mean = np.asarray(stats["mean"], dtype=np.float32) if stats else None
+        self.std = np.asarray(stats["std"], dtype=np.float32) if stats else None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if self.mean is None:
+            return x
+        return (x - self.mean) / self.std
+
+
+@dataclass
+class TrainRows:
+    """The clips one model trains on, with their (possibly soft) targets."""
+    fnames: list[str]
+    labels: np.ndarray            # int class index
+    epsilon: np.ndarray           # per-row label smoothing
+    verified: np.ndarray          # 0/1, used by loss masking
+    split: str = "train"
+
+
+class WindowBatches(keras.utils.PyDataset):
+    """Random-crop training batches, with augmentation and targets.
+
+    The epoch is set from outside (``set_epoch``) and seeds all randomness,
+    so batches are reproducible and a resumed run continues identically.
+    """
+
+    def __init__(self, store, rows: TrainRows, n_classes: int, window: int, train_cfg: dict,
+                 normalizer: Normalizer, seed: int):
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.store, self.rows, self.n_classes, self.window = store, rows, n_classes, window
+        self.cfg, self.normalizer, self.seed = train_cfg, normalizer, seed
+        self.batch_size = int(train_cfg.get("batch_size", 32))
+        steps = train_cfg.get("steps_per_epoch")
+        self.steps = int(steps) if steps else max(1, math.ceil(len(rows.fnames) / self.batch_size))
+        self.class_weight = (balanced_sample_weights(rows.labels, n_classes)
+                             if train_cfg.get("class_weight") == "balanced" else None)
+        self.mask_ratio = train_cfg.get("loss_masking")
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        rng = np.random.default_rng([self.seed, epoch])
+        n_draw = self.steps * self.batch_size
+        reps = -(-n_draw // len(self.rows.fnames))
+        self.order = np.concatenate([rng.permutation(len(self.rows.fnames)) for _ in range(reps)])[:n_draw]
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, idx: int):
+        rng = np.random.default_rng([self.seed, self.epoch, idx, 1])
+        pick = self.order[idx * self.batch_size:(idx + 1) * self.batch_size]
+        x = np.stack([random_window(self.store.load(self.rows.split, self.rows.fnames[i]), self.window, rng)
+                      for i in pick])
+        x = self.normalizer(x)
+        y = smoothed_targets(self.rows.labels[pick], self.n_classes, self.rows.epsilon[pick])
+        verified = self.rows.verified[pick].astype(np.float32)
+        sa = self.cfg.get("spec_augment")
+        if sa and x.ndim >= 3 and x.shape[2] > 1:
+            x = spec_augment(x, rng, **sa)
+        x, y, verified = mixup(x, y, float(self.cfg.get("mixup_alpha") or 0.0), rng, verified)
+        if self.mask_ratio is not None:
+            y = np.concatenate([y, verified[:, None]], axis=1)
+        if self.class_weight is not None:
+            return x, y, self.class_weight[pick]
+        return x, y
+
+
+def predict_clips(model, store, split: str, fnames: list[str], window: int, hop: int,
+                  normalizer: Normalizer, batch_size: int = 128, max_windows: int = 4096) -> np.ndarray:
+    """Clip-level probabilities: every clip's sliding windows, predicted in
+    large batches across clips, combined per clip by geometric mean."""
+    out = np.zeros((len(fnames), model.output_shape[-1]), dtype=np.float64)
+    pending, owners, first = [], [], 0
+
+    def flush(upto: int):
+        nonlocal pending, owners, first
+        if not pending:
+            return
+        x = normalizer(np.concatenate(pending))
+        probs = model.predict(x, batch_size=batch_size, verbose=0)
+        logp = np.log(np.clip(probs.astype(np.float64), EPS, 1.0))
+        owner = np.concatenate(owners)
+        sums = np.zeros((upto - first, logp.shape[1]))
+        np.add.at(sums, owner - first, logp)
+        counts = np.bincount(owner - first, minlength=upto - first)[:, None]
+        mean = sums / counts
+        out[first:upto] = np.exp(mean - mean.max(axis=1, keepdims=True))
+        pending, owners, first = [], [], upto
+
+    n_pending = 0
+    for i, fname in enumerate(fnames):
+        wins = sliding_windows(store.load(split, fname), window, hop)
+        pending.append(wins)
+        owners.append(np.full(len(wins), i))
+        n_pending += len(wins)
+        if n_pending >= max_windows:
+            flush(i + 1)
+            n_pending = 0
+    flush(len(fnames))
+    return normalize_rows(out)
+
+
+@dataclass
+class FoldResult:
+    oof: np.ndarray
+    test: np.ndarray | None
+    summary: dict = field(default_factory=dict)
+
+
+class _BatchBar(keras.callbacks.Callback):
+    def __init__(self, bar):
+        super().__init__()
+        self.bar = bar
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.bar.update(1)
+        if logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{float(logs['loss']):.3f}", refresh=False)
+
+
+def build_compiled(spec: dict, input_shape: tuple, n_classes: int):
+    from models import build_model
+    model = build_model(spec["builder"], input_shape, n_classes, **spec.get("params", {}))
+    tcfg = spec["train"]
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(tcfg.get("lr", 1e-3))),
+                  loss=TaggingCrossEntropy(mask_ratio=tcfg.get("loss_masking")))
+    return model
+
+
+def train_fold(spec: dict, store, rows: TrainRows, val_fnames: list[str], val_labels: np.ndarray,
+               test_fnames: list[str], n_classes: int, out_dir: Path, seed: int, fold: int,
+               fingerprint: str, progress: bool = True, val_split: str = "train",
+               test_split: str = "test") -> FoldResult:
+    """Train (or resume) one fold and predict its held-out and test clips."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tcfg = spec["train"]
+    window = int(spec["window"])
+    hop = max(1, int(round(window * float(tcfg.get("eval_hop_fraction", 0.5)))))
+    normalizer = Normalizer(store.stats() if spec.get("normalize", True) else None)
+    probe = store.load(rows.split, rows.fnames[0])
+    input_shape = (window,) + tuple(probe.shape[1:])
+
+    state = read_json(out_dir / "state.json")
+    if state and state.get("fingerprint") != fingerprint:
+        log.info("%s: settings changed since the last run, starting the fold afresh", out_dir)
+        state = None
+    set_determinism(seed * 1000 + fold)
+    if state and (out_dir / "last.keras").exists() and not state.get("finished"):
+        model = load_saved_model(out_dir / "last.keras")
+        log.info("%s: resuming after epoch %d (best MAP@3 %.4f)", out_dir, state["epoch"] + 1, state["best"])
+    else:
+        model = build_compiled(spec, input_shape, n_classes)
+        state = {"fingerprint": fingerprint, "epoch": -1, "best": -1.0, "best_epoch": -1, "wait": 0,
+                 "lr_wait": 0, "lr": float(tcfg.get("lr", 1e-3)), "history": [], "train_seconds": 0.0,
+                 "train_samples": 0, "finished": False}
+    batches = WindowBatches(store, rows, n_classes, window, tcfg, normalizer, seed=seed * 1000 + fold)
+    epochs = int(tcfg.get("epochs", 10))
+    eval_bs = int(tcfg.get("eval_batch_size", 128))
+
+    while not state["finished"] and state["epoch"] + 1 < epochs:
+        epoch = state["epoch"] + 1
+        batches.set_epoch(epoch)
+        model.optimizer.learning_rate.assign(state["lr"])
+        with tqdm(total=len(batches), desc=f"{spec['name']} fold {fold} epoch {epoch + 1}/{epochs}",
+                  unit="batch", leave=False, disable=not progress) as bar:
+            t0 = time.perf_counter()
+            hist = model.fit(batches, epochs=1, verbose=0, shuffle=False, callbacks=[_BatchBar(bar)])
+            state["train_seconds"] += time.perf_counter() - t0
+        state["train_samples"] += len(batches) * batches.batch_size
+        val_probs = predict_clips(model, store, val_split, val_fnames, window, hop, normalizer, eval_bs)
+        score = map_at_3(val_labels, val_probs)
+        loss = float(hist.history["loss"][-1])
+        state["history"].append({"epoch": epoch + 1, "loss": loss, "val_map3": score,
+                                 "val_acc": accuracy(val_labels, val_probs), "lr": state["lr"]})
+        if score > state["best"] + 1e-6:
+            state.update(best=score, best_epoch=epoch, wait=0, lr_wait=0)
+            model.save(out_dir / "best.keras")
+        else:
+            state["wait"] += 1
+            state["lr_wait"] += 1
+            if state["lr_wait"] >= int(tcfg.get("lr_patience", 3)):
+                state["lr"] = max(float(tcfg.get("min_lr", 1e-6)), state["lr"] * float(tcfg.get("lr_factor", 0.5)))
+                state["lr_wait"] = 0
+        log.info("%s fold %d epoch %d/%d: loss %.4f val MAP@3 %.4f (best %.4f @ %d) lr %.2g", spec["name"], fold,
+                 epoch + 1, epochs, loss, score, state["best"], state["best_epoch"] + 1, state["lr"])
+        state["epoch"] = epoch
+        if state["wait"] >= int(tcfg.get("early_stop_patience", 5)):
+            log.info("%s fold %d: early stop (no gain for %d epochs)", spec["name"], fold, state["wait"])
+            state["finished"] = True
+        model.save(out_dir / "last.keras")
+        atomic_write_json(state, out_dir / "state.json")
+    state["finished"] = True
+    atomic_write_json(state, out_dir / "state.json")
+    atomic_write_csv(pd.DataFrame(state["history"]), out_dir / "history.csv")
+
+    best = load_saved_model(out_dir / "best.keras")
+    oof = predict_clips(best, store, val_split, val_fnames, window, hop, normalizer, eval_bs)
+    test = (predict_clips(best, store, test_split, test_fnames, window, hop, normalizer, eval_bs)
+            if test_fnames else None)
+    summary = {
+        "fold": fold, "fingerprint": fingerprint, "best_epoch": state["best_epoch"] + 1,
+        "epochs_run": state["epoch"] + 1, "val_map3": map_at_3(val_labels, oof),
+        "val_accuracy": accuracy(val_labels, oof), "train_clips": len(rows.fnames),
+        "train_seconds": round(state["train_seconds"], 2),
+        "samples_per_second": round(state["train_samples"] / max(state["train_seconds"], 1e-9), 1),
+        "params": int(best.count_params()), "input_shape": list(input_shape),
+        "backend": keras.backend.backend(),
+    }
+    if os.path.exists(out_dir / "last.keras"):
+        os.unlink(out_dir / "last.keras")  # the best weights are what we keep
+    return FoldResult(oof=oof, test=test, summary=summary)
+
+
+def fold_fingerprint(spec: dict, store_key: str, labels_hash: str, folds_hash: str, seed: int) -> str:
+    """Everything a fold's result depends on; a change retrains the fold."""
+    return param_hash({"spec": spec, "feature": store_key, "labels": labels_hash, "folds": folds_hash,
+                       "seed": seed, "backend": keras.backend.backend()}, 16)
