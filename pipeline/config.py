@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+import re
+_SCIENTIFIC = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
 
@@ -41,7 +43,10 @@ def _apply_override(cfg: dict, assignment: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: {key!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+    node[keys[-1]] = value
 
 
 def load_config(name_or_path: str | Path = "quick", overrides: list[str] | None = None) -> dict:
@@ -61,7 +66,9 @@ def load_config(name_or_path: str | Path = "quick", overrides: list[str] | None 
         raise ConfigError(f"{path}: top level must be a mapping")
     parent = cfg.pop("inherit", None)
     if parent:
-        cfg = _deep_merge(load_config(parent), cfg)
+        base = load_config(parent)
+        base.pop("preset", None)  # the child's own name, not the parent's
+        cfg = _deep_merge(base, cfg)
     for assignment in overrides or []:
         _apply_override(cfg, assignment)
     cfg.setdefault("preset", path.stem)

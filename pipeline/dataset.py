@@ -47,17 +47,19 @@ def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, skip_blank_lines=False)
     except pd.errors.EmptyDataError:
-        raise DatasetError(f"{path}: the file is empty (expected a header with {', '.join(required)})") from None
+        raise DatasetError(f"{path}: line 1: the file is empty (expected a header with {', '.join(required)})") from None
     except pd.errors.ParserError as exc:
         raise DatasetError(f"{path}: cannot parse CSV: {exc}") from None
     df.columns = [c.strip() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(df.columns)}")
+        raise DatasetError(f"{path}: line 1: missing column(s) {', '.join(missing)}; found {', '.join(df.columns)}")
+    # blank lines stay in the index (dropped here), so index + 2 is still the line number
+    df = df[~(df == "").all(axis=1)]
     if df.empty:
-        raise DatasetError(f"{path}: no data rows")
+        raise DatasetError(f"{path}: line 2: no data rows")
     for col in df.columns:
         df[col] = df[col].str.strip()
     return df

@@ -32,14 +32,18 @@ log = logging.getLogger("features")
 
 
 def needed_features(cfg: dict) -> list[str]:
-    """Features used by the listed models, the pseudo-label verifiers and the stacker."""
-    names: list[str] = []
-    models = list(cfg.get("run", {}).get("models", []))
+    """Features used by the listed models (following ``embeddings_from`` to the
+    source model), the pseudo-label verifiers and the stacker."""
+    from pipeline.pseudo_label import verifier_spec
+    specs = [model_config(cfg, m) for m in cfg.get("run", {}).get("models", [])]
     pl = cfg.get("pseudo_label", {})
     if pl.get("enabled"):
-        models += list(pl.get("verifiers", []))
-    for m in models:
-        feat = model_config(cfg, m).get("feature")
+        specs += [verifier_spec(cfg, m) for m in pl.get("verifiers", [])]
+    names: list[str] = []
+    for spec in specs:
+        if spec.get("embeddings_from"):  # a model on embeddings needs its source model's feature
+            spec = model_config(cfg, spec["embeddings_from"])
+        feat = spec.get("feature")
         if feat in cfg.get("features", {}) and feat not in names:
             names.append(feat)
     mfcc = cfg.get("stacking", {}).get("mfcc_feature")

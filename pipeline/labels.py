@@ -31,7 +31,27 @@ def training_labels(cfg: dict, work: WorkDir, folds: pd.DataFrame, train_cfg: di
         if not work.labels_csv.exists():
             raise FileNotFoundError(f"{work.labels_csv} is missing: the preset trains on pseudo-labels, "
                                     "run `python -m pipeline.pseudo_label` first")
-        pseudo = pd.read_csv(work.labels_csv, dtype={"fname": str, "label": str})
+        pseudo = pd.read_csv(work.labels_csv, dtype=str, keep_default_na=False)
+        need = ["fname", "label", "status", "epsilon"]
+        absent = [c for c in need if c not in pseudo.columns]
+        if absent:
+            raise ValueError(f"{work.labels_csv}: line 1: missing column(s) {', '.join(absent)} "
+                             f"(expected {','.join(need)})")
+        for col in need:
+            blank = pseudo[col].str.strip() == ""
+            if blank.any():
+                raise ValueError(f"{work.labels_csv}: line {int(blank.to_numpy().argmax()) + 2}: empty {col}")
+        dup = pseudo["fname"].duplicated()
+        if dup.any():
+            i = int(dup.to_numpy().argmax())
+            raise ValueError(f"{work.labels_csv}: line {i + 2}: duplicate fname {pseudo['fname'].iloc[i]!r}")
+        eps = pd.to_numeric(pseudo["epsilon"], errors="coerce")
+        bad = eps.isna() | (eps < 0) | (eps > 1)
+        if bad.any():
+            i = int(bad.to_numpy().argmax())
+            raise ValueError(f"{work.labels_csv}: line {i + 2}: epsilon must be a number in [0, 1], "
+                             f"got {pseudo['epsilon'].iloc[i]!r}")
+        pseudo["epsilon"] = eps
         missing = set(table["fname"]) - set(pseudo["fname"])
         if missing:
             raise ValueError(f"{work.labels_csv} lacks {len(missing)} clip(s) of folds.csv, e.g. {sorted(missing)[:3]}")

@@ -32,13 +32,19 @@ def validate_submission(sub: pd.DataFrame, test_fnames: Sequence[str], classes: 
     """Right columns, one row per test clip in order, exactly 3 distinct known labels each."""
     if list(sub.columns) != ["fname", "label"]:
         raise SubmissionError(f"columns must be fname,label; got {','.join(map(str, sub.columns))}")
-    if len(sub) != len(test_fnames):
-        raise SubmissionError(f"{len(sub)} rows but the test set has {len(test_fnames)} clips")
-    mismatch = np.flatnonzero(sub["fname"].to_numpy() != np.asarray(test_fnames))
+    n, m = len(sub), len(test_fnames)
+    common = min(n, m)
+    mismatch = np.flatnonzero(sub["fname"].to_numpy()[:common] != np.asarray(test_fnames)[:common])
     if len(mismatch):
         i = mismatch[0]
         raise SubmissionError(f"row {i + 1}: fname {sub['fname'].iloc[i]!r}, expected {test_fnames[i]!r} "
                               "(rows must follow sample_submission.csv)")
+    if n < m:
+        raise SubmissionError(f"row {n + 1}: missing, expected fname {test_fnames[n]!r} "
+                              f"({n} rows but the test set has {m} clips)")
+    if n > m:
+        raise SubmissionError(f"row {m + 1}: extra row with fname {sub['fname'].iloc[m]!r} "
+                              f"({n} rows but the test set has {m} clips)")
     known = set(classes)
     for i, label in enumerate(sub["label"]):
         parts = str(label).split()

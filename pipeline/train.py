@@ -71,7 +71,8 @@ def train_model(cfg: dict, data_dir, work: WorkDir, model: str, progress: bool =
                  len(rows.fnames), int(held.sum()))
         # Early stopping watches the held-out clips' given labels, as the papers did.
         result = train_fold(spec, store, rows, folds.loc[held, "fname"].tolist(), y_given[held.to_numpy()],
-                            good_test, len(classes), fold_dir, seed, k, fp, progress=progress)
+                            good_test, len(classes), fold_dir, seed, k, fp, progress=progress,
+                            test_split=getattr(store, "test_split", lambda fold: "test")(k))
         write_table(probs_frame(folds.loc[held, "fname"], result.oof, classes, [k] * int(held.sum())),
                     fold_dir / "oof.csv")
         write_table(probs_frame(good_test, result.test if result.test is not None

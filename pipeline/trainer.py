@@ -32,6 +32,7 @@ from pipeline.config import param_hash
 from pipeline.losses import TaggingCrossEntropy
 from pipeline.metrics import accuracy, map_at_3
 from pipeline.predictions import EPS, normalize_rows
+from pipeline.sampling import balanced_batch_size, balanced_order, check_batch_policy
 from pipeline.windows import random_window, sliding_windows
 from pipeline.workdir import atomic_write_csv, atomic_write_json, read_json
 
@@ -85,7 +86,10 @@ class WindowBatches(keras.utils.PyDataset):
         super().__init__(workers=1, use_multiprocessing=False)
         self.store, self.rows, self.n_classes, self.window = store, rows, n_classes, window
         self.cfg, self.normalizer, self.seed = train_cfg, normalizer, seed
-        self.batch_size = int(train_cfg.get("batch_size", 32))
+        # batch_policy "balanced": one clip of every class per batch (batch size = classes present)
+        self.policy = check_batch_policy(train_cfg.get("batch_policy"))
+        self.batch_size = (balanced_batch_size(rows.labels) if self.policy == "balanced"
+                           else int(train_cfg.get("batch_size", 32)))
         steps = train_cfg.get("steps_per_epoch")
         self.steps = int(steps) if steps else max(1, math.ceil(len(rows.fnames) / self.batch_size))
         self.class_weight = (balanced_sample_weights(rows.labels, n_classes)
@@ -96,6 +100,9 @@ class WindowBatches(keras.utils.PyDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         rng = np.random.default_rng([self.seed, epoch])
+        if self.policy == "balanced":
+            self.order = balanced_order(self.rows.labels, self.steps, rng)
+            return
         n_draw = self.steps * self.batch_size
         reps = -(-n_draw // len(self.rows.fnames))
         self.order = np.concatenate([rng.permutation(len(self.rows.fnames)) for _ in range(reps)])[:n_draw]
@@ -122,6 +129,19 @@ class WindowBatches(keras.utils.PyDataset):
         return x, y
 
 
+def predict_fixed_batches(model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Predict in batches of one fixed shape (the last one padded), so the
+    compiled predict function is traced once instead of once per size."""
+    n = len(x)
+    out = []
+    for start in range(0, n, batch_size):
+        chunk = x[start:start + batch_size]
+        if len(chunk) < batch_size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
+        out.append(np.asarray(model.predict_on_batch(chunk))[: min(batch_size, n - start)])
+    return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), dtype=np.float32)
+
+
 def predict_clips(model, store, split: str, fnames: list[str], window: int, hop: int,
                   normalizer: Normalizer, batch_size: int = 128, max_windows: int = 4096) -> np.ndarray:
     """Clip-level probabilities: every clip's sliding windows, predicted in
@@ -134,7 +154,7 @@ def predict_clips(model, store, split: str, fnames: list[str], window: int, hop:
         if not pending:
             return
         x = normalizer(np.concatenate(pending))
-        probs = model.predict(x, batch_size=batch_size, verbose=0)
+        probs = predict_fixed_batches(model, x, batch_size)
         logp = np.log(np.clip(probs.astype(np.float64), EPS, 1.0))
         owner = np.concatenate(owners)
         sums = np.zeros((upto - first, logp.shape[1]))
@@ -175,10 +195,21 @@ class _BatchBar(keras.callbacks.Callback):
             self.bar.set_postfix(loss=f"{float(logs['loss']):.3f}", refresh=False)
 
 
+def _set_bn_momentum(model, momentum: float) -> None:
+    """Short runs (the quick preset) take too few steps for BatchNorm's
+    default 0.99 moving averages to settle, which makes held-out scores
+    erratic; a lower momentum fixes that without changing the architecture."""
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = float(momentum)
+
+
 def build_compiled(spec: dict, input_shape: tuple, n_classes: int):
     from models import build_model
     model = build_model(spec["builder"], input_shape, n_classes, **spec.get("params", {}))
     tcfg = spec["train"]
+    if tcfg.get("bn_momentum") is not None:
+        _set_bn_momentum(model, tcfg["bn_momentum"])
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(tcfg.get("lr", 1e-3))),
                   loss=TaggingCrossEntropy(mask_ratio=tcfg.get("loss_masking")))
     return model
