@@ -184,15 +184,90 @@ class FoldResult:
     summary: dict = field(default_factory=dict)
 
 
-class _BatchBar(keras.callbacks.Callback):
-    def __init__(self, bar):
+def _seed_generators(model) -> list:
+    """The random-number states of stochastic layers (Dropout, ...), in a
+    stable order; saved beside the checkpoint so a resumed fold draws the
+    same dropout masks as an uninterrupted one."""
+    gens = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        for attr in ("seed_generator", "_seed_generator"):
+            gen = getattr(layer, attr, None)
+            if gen is not None and hasattr(gen, "state"):
+                gens.append(gen)
+    return gens
+
+
+def save_rng_state(model, path: Path) -> None:
+    states = {f"g{i}": np.asarray(keras.ops.convert_to_numpy(g.state.value)) for i, g in enumerate(_seed_generators(model))}
+    buf = __import__("io").BytesIO()
+    np.savez(buf, **states)
+    from pipeline.workdir import atomic_write_bytes
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_rng_state(model, path: Path) -> None:
+    if not path.exists():
+        return
+    with np.load(path) as saved:
+        for i, g in enumerate(_seed_generators(model)):
+            if f"g{i}" in saved:
+                g.state.assign(saved[f"g{i}"])
+
+
+class _EpochLoop(keras.callbacks.Callback):
+    """Per-epoch work of one fold: seed the epoch's batches, set the learning
+    rate, evaluate the held-out clips (clip-level MAP@3), keep the best
+    weights, reduce the LR on a plateau, stop early, checkpoint the state."""
+
+    def __init__(self, spec, fold, state, batches, out_dir, progress, evaluate, val_labels):
         super().__init__()
-        self.bar = bar
+        self.spec, self.fold, self.state, self.batches = spec, fold, state, batches
+        self.out_dir, self.progress, self.evaluate, self.val_labels = out_dir, progress, evaluate, val_labels
+        self.tcfg = spec["train"]
+        self.epochs = int(self.tcfg.get("epochs", 10))
+        self.bar = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.set_epoch(epoch)
+        self.model.optimizer.learning_rate.assign(self.state["lr"])
+        self.bar = tqdm(total=len(self.batches), unit="batch", leave=False, disable=not self.progress,
+                        desc=f"{self.spec['name']} fold {self.fold} epoch {epoch + 1}/{self.epochs}")
+        self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         self.bar.update(1)
         if logs and "loss" in logs:
             self.bar.set_postfix(loss=f"{float(logs['loss']):.3f}", refresh=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        state, tcfg = self.state, self.tcfg
+        state["train_seconds"] += time.perf_counter() - self.t0
+        state["train_samples"] += len(self.batches) * self.batches.batch_size
+        self.bar.close()
+        val_probs = self.evaluate(self.model)
+        score = map_at_3(self.val_labels, val_probs)
+        loss = float((logs or {}).get("loss", float("nan")))
+        state["history"].append({"epoch": epoch + 1, "loss": loss, "val_map3": score,
+                                 "val_acc": accuracy(self.val_labels, val_probs), "lr": state["lr"]})
+        if score > state["best"] + 1e-6:
+            state.update(best=score, best_epoch=epoch, wait=0, lr_wait=0)
+            self.model.save(self.out_dir / "best.keras")
+        else:
+            state["wait"] += 1
+            state["lr_wait"] += 1
+            if state["lr_wait"] >= int(tcfg.get("lr_patience", 3)):
+                state["lr"] = max(float(tcfg.get("min_lr", 1e-6)), state["lr"] * float(tcfg.get("lr_factor", 0.5)))
+                state["lr_wait"] = 0
+        log.info("%s fold %d epoch %d/%d: loss %.4f val MAP@3 %.4f (best %.4f @ %d) lr %.2g", self.spec["name"],
+                 self.fold, epoch + 1, self.epochs, loss, score, state["best"], state["best_epoch"] + 1, state["lr"])
+        state["epoch"] = epoch
+        if state["wait"] >= int(tcfg.get("early_stop_patience", 5)):
+            log.info("%s fold %d: early stop (no gain for %d epochs)", self.spec["name"], self.fold, state["wait"])
+            state["finished"] = True
+            self.model.stop_training = True
+        self.model.save(self.out_dir / "last.keras")
+        save_rng_state(self.model, self.out_dir / "last_rng.npz")
+        atomic_write_json(state, self.out_dir / "state.json")
 
 
 def _set_bn_momentum(model, momentum: float) -> None:
@@ -236,6 +311,7 @@ def train_fold(spec: dict, store, rows: TrainRows, val_fnames: list[str], val_la
     set_determinism(seed * 1000 + fold)
     if state and (out_dir / "last.keras").exists() and not state.get("finished"):
         model = load_saved_model(out_dir / "last.keras")
+        load_rng_state(model, out_dir / "last_rng.npz")
         log.info("%s: resuming after epoch %d (best MAP@3 %.4f)", out_dir, state["epoch"] + 1, state["best"])
     else:
         model = build_compiled(spec, input_shape, n_classes)
@@ -246,38 +322,15 @@ def train_fold(spec: dict, store, rows: TrainRows, val_fnames: list[str], val_la
     epochs = int(tcfg.get("epochs", 10))
     eval_bs = int(tcfg.get("eval_batch_size", 128))
 
-    while not state["finished"] and state["epoch"] + 1 < epochs:
-        epoch = state["epoch"] + 1
-        batches.set_epoch(epoch)
-        model.optimizer.learning_rate.assign(state["lr"])
-        with tqdm(total=len(batches), desc=f"{spec['name']} fold {fold} epoch {epoch + 1}/{epochs}",
-                  unit="batch", leave=False, disable=not progress) as bar:
-            t0 = time.perf_counter()
-            hist = model.fit(batches, epochs=1, verbose=0, shuffle=False, callbacks=[_BatchBar(bar)])
-            state["train_seconds"] += time.perf_counter() - t0
-        state["train_samples"] += len(batches) * batches.batch_size
-        val_probs = predict_clips(model, store, val_split, val_fnames, window, hop, normalizer, eval_bs)
-        score = map_at_3(val_labels, val_probs)
-        loss = float(hist.history["loss"][-1])
-        state["history"].append({"epoch": epoch + 1, "loss": loss, "val_map3": score,
-                                 "val_acc": accuracy(val_labels, val_probs), "lr": state["lr"]})
-        if score > state["best"] + 1e-6:
-            state.update(best=score, best_epoch=epoch, wait=0, lr_wait=0)
-            model.save(out_dir / "best.keras")
-        else:
-            state["wait"] += 1
-            state["lr_wait"] += 1
-            if state["lr_wait"] >= int(tcfg.get("lr_patience", 3)):
-                state["lr"] = max(float(tcfg.get("min_lr", 1e-6)), state["lr"] * float(tcfg.get("lr_factor", 0.5)))
-                state["lr_wait"] = 0
-        log.info("%s fold %d epoch %d/%d: loss %.4f val MAP@3 %.4f (best %.4f @ %d) lr %.2g", spec["name"], fold,
-                 epoch + 1, epochs, loss, score, state["best"], state["best_epoch"] + 1, state["lr"])
-        state["epoch"] = epoch
-        if state["wait"] >= int(tcfg.get("early_stop_patience", 5)):
-            log.info("%s fold %d: early stop (no gain for %d epochs)", spec["name"], fold, state["wait"])
-            state["finished"] = True
-        model.save(out_dir / "last.keras")
-        atomic_write_json(state, out_dir / "state.json")
+    if not state["finished"] and state["epoch"] + 1 < epochs:
+        loop = _EpochLoop(spec, fold, state, batches, out_dir, progress,
+                          evaluate=lambda m: predict_clips(m, store, val_split, val_fnames, window, hop,
+                                                           normalizer, eval_bs),
+                          val_labels=val_labels)
+        # One fit call for all epochs: a fit call has a fixed set-up cost that
+        # dominates short epochs; the callback does the per-epoch work.
+        model.fit(batches, epochs=epochs, initial_epoch=state["epoch"] + 1, verbose=0, shuffle=False,
+                  callbacks=[loop])
     state["finished"] = True
     atomic_write_json(state, out_dir / "state.json")
     atomic_write_csv(pd.DataFrame(state["history"]), out_dir / "history.csv")
@@ -295,8 +348,9 @@ def train_fold(spec: dict, store, rows: TrainRows, val_fnames: list[str], val_la
         "params": int(best.count_params()), "input_shape": list(input_shape),
         "backend": keras.backend.backend(),
     }
-    if os.path.exists(out_dir / "last.keras"):
-        os.unlink(out_dir / "last.keras")  # the best weights are what we keep
+    for leftover in ("last.keras", "last_rng.npz"):  # the best weights are what we keep
+        if os.path.exists(out_dir / leftover):
+            os.unlink(out_dir / leftover)
     return FoldResult(oof=oof, test=test, summary=summary)
 
 
