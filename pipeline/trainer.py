@@ -8,12 +8,13 @@ Then predict the held-out clips (out-of-fold) and the test clips.
 
 Everything that varies between models comes from the model's config; the
 trainer never special-cases a model. Each epoch ends with a checkpoint
-(``last.keras`` + ``state.json``), so an interrupted fold resumes from its
+(``last.npz`` + ``state.json``), so an interrupted fold resumes from its
 last finished epoch; batch randomness is seeded by (seed, fold, epoch), so a
 resumed run draws the same batches as an uninterrupted one.
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ from pipeline.metrics import accuracy, map_at_3
 from pipeline.predictions import EPS, normalize_rows
 from pipeline.sampling import balanced_batch_size, balanced_order, check_batch_policy
 from pipeline.windows import random_window, sliding_windows
-from pipeline.workdir import atomic_write_csv, atomic_write_json, read_json
+from pipeline.workdir import atomic_write_bytes, atomic_write_csv, atomic_write_json, read_json
 
 log = logging.getLogger("trainer")
 
@@ -199,20 +200,43 @@ def _seed_generators(model) -> list:
     return gens
 
 
-def save_rng_state(model, path: Path) -> None:
-    states = {f"g{i}": np.asarray(keras.ops.convert_to_numpy(g.state.value)) for i, g in enumerate(_seed_generators(model))}
-    buf = __import__("io").BytesIO()
-    np.savez(buf, **states)
-    from pipeline.workdir import atomic_write_bytes
-    atomic_write_bytes(path, buf.getvalue())
+def _npz_bytes(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
 
 
-def load_rng_state(model, path: Path) -> None:
-    if not path.exists():
-        return
+def save_weights(model, path: Path) -> None:
+    atomic_write_bytes(path, _npz_bytes({f"w{i}": w for i, w in enumerate(model.get_weights())}))
+
+
+def load_weights(model, path: Path) -> None:
     with np.load(path) as saved:
+        model.set_weights([saved[f"w{i}"] for i in range(len(saved.files))])
+
+
+def save_checkpoint(model, path: Path) -> None:
+    """Everything a resumed epoch needs: weights, optimizer state and the
+    dropout RNG states, as one ``.npz`` (writing a whole ``.keras`` archive
+    every epoch cost seconds per epoch for the deeper models)."""
+    arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
+    arrays.update({f"o{i}": np.asarray(keras.ops.convert_to_numpy(v.value))
+                   for i, v in enumerate(model.optimizer.variables)})
+    arrays.update({f"g{i}": np.asarray(keras.ops.convert_to_numpy(g.state.value))
+                   for i, g in enumerate(_seed_generators(model))})
+    atomic_write_bytes(path, _npz_bytes(arrays))
+
+
+def load_checkpoint(model, path: Path) -> None:
+    with np.load(path) as saved:
+        n_w = sum(1 for k in saved.files if k.startswith("w"))
+        model.set_weights([saved[f"w{i}"] for i in range(n_w)])
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        for i, v in enumerate(model.optimizer.variables):
+            v.assign(saved[f"o{i}"])
         for i, g in enumerate(_seed_generators(model)):
-            if f"g{i}" in saved:
+            if f"g{i}" in saved.files:
                 g.state.assign(saved[f"g{i}"])
 
 
@@ -261,7 +285,7 @@ class _EpochLoop:
                                  "val_acc": accuracy(self.val_labels, val_probs), "lr": state["lr"]})
         if score > state["best"] + 1e-6:
             state.update(best=score, best_epoch=epoch, wait=0, lr_wait=0)
-            self.model.save(self.out_dir / "best.keras")
+            save_weights(self.model, self.out_dir / "best.weights.npz")
         else:
             state["wait"] += 1
             state["lr_wait"] += 1
@@ -274,8 +298,7 @@ class _EpochLoop:
         if state["wait"] >= int(tcfg.get("early_stop_patience", 5)):
             log.info("%s fold %d: early stop (no gain for %d epochs)", self.spec["name"], self.fold, state["wait"])
             state["finished"] = True
-        self.model.save(self.out_dir / "last.keras")
-        save_rng_state(self.model, self.out_dir / "last_rng.npz")
+        save_checkpoint(self.model, self.out_dir / "last.npz")
         atomic_write_json(state, self.out_dir / "state.json")
 
 
@@ -318,12 +341,11 @@ def train_fold(spec: dict, store, rows: TrainRows, val_fnames: list[str], val_la
         log.info("%s: settings changed since the last run, starting the fold afresh", out_dir)
         state = None
     set_determinism(seed * 1000 + fold, strict=bool(tcfg.get("strict_determinism", False)))
-    if state and (out_dir / "last.keras").exists() and not state.get("finished"):
-        model = load_saved_model(out_dir / "last.keras")
-        load_rng_state(model, out_dir / "last_rng.npz")
+    model = build_compiled(spec, input_shape, n_classes)
+    if state and (out_dir / "last.npz").exists() and not state.get("finished"):
+        load_checkpoint(model, out_dir / "last.npz")
         log.info("%s: resuming after epoch %d (best MAP@3 %.4f)", out_dir, state["epoch"] + 1, state["best"])
     else:
-        model = build_compiled(spec, input_shape, n_classes)
         state = {"fingerprint": fingerprint, "epoch": -1, "best": -1.0, "best_epoch": -1, "wait": 0,
                  "lr_wait": 0, "lr": float(tcfg.get("lr", 1e-3)), "history": [], "train_seconds": 0.0,
                  "train_samples": 0, "finished": False}
@@ -337,7 +359,12 @@ def train_fold(spec: dict, store, rows: TrainRows, val_fnames: list[str], val_la
     atomic_write_json(state, out_dir / "state.json")
     atomic_write_csv(pd.DataFrame(state["history"]), out_dir / "history.csv")
 
-    best = load_saved_model(out_dir / "best.keras")
+    best = model
+    if (out_dir / "best.weights.npz").exists():
+        load_weights(best, out_dir / "best.weights.npz")
+        best.save(out_dir / "best.keras")  # the kept model, in Keras' format
+    else:  # finished in an earlier run: the .keras file is already there
+        best = load_saved_model(out_dir / "best.keras")
     oof = predict_clips(best, store, val_split, val_fnames, window, hop, normalizer, eval_bs)
     test = (predict_clips(best, store, test_split, test_fnames, window, hop, normalizer, eval_bs)
             if test_fnames else None)
@@ -350,7 +377,7 @@ def train_fold(spec: dict, store, rows: TrainRows, val_fnames: list[str], val_la
         "params": int(best.count_params()), "input_shape": list(input_shape),
         "backend": keras.backend.backend(),
     }
-    for leftover in ("last.keras", "last_rng.npz"):  # the best weights are what we keep
+    for leftover in ("last.npz", "best.weights.npz"):  # best.keras is what we keep
         if os.path.exists(out_dir / leftover):
             os.unlink(out_dir / leftover)
     return FoldResult(oof=oof, test=test, summary=summary)
