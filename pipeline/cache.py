@@ -135,33 +135,27 @@ class FeatureStore:
         return read_json(self.stats_path)
 
     def compute_stats(self, fnames: list[str], max_clips: int = 500, seed: int = 0) -> dict:
+        """Mean/std per last-axis channel (per mel band x channel collapsed
+        to per channel for 3D arrays) over up to ``max_clips`` clips."""
         rng = np.random.default_rng(seed)
         pick = list(fnames)
         if len(pick) > max_clips:
             pick = list(rng.choice(pick, size=max_clips, replace=False))
-        total = sq = None
+        if not pick:
+            raise ValueError(f"no usable training clips to compute {self.name} statistics")
+        total = sq = 0.0
         count = 0
         for fname in pick:
             arr = np.asarray(self.load("train", fname), dtype=np.float64)
-            flat = arr.reshape(arr.shape[0], -1) if arr.ndim == 2 else arr.reshape(-1, arr.shape[-1])
-            s, s2 = flat.sum(axis=0), (flat ** 2).sum(axis=0)
-            total = s if total is None else total + s
-            sq = s2 if sq is None else sq + s2
+            flat = arr.reshape(-1, arr.shape[-1])  # (frames [x bands], channels)
+            total = total + flat.sum(axis=0)
+            sq = sq + (flat ** 2).sum(axis=0)
             count += flat.shape[0]
-        if count == 0:
-            raise ValueError(f"no usable training clips to compute {self.name} statistics")
         mean = total / count
         std = np.sqrt(np.maximum(sq / count - mean ** 2, 1e-12))
-        # per last-axis channel: reduce everything else to one value per channel
-        arr_shape = np.asarray(self.load("train", pick[0])).shape
-        if len(arr_shape) > 2:
-            mean_c = mean.reshape(-1, arr_shape[-1]).mean(axis=0)
-            std_c = std.reshape(-1, arr_shape[-1]).mean(axis=0)
-        elif self.kind == "wave":
-            mean_c, std_c = np.zeros(1), np.ones(1)  # waveforms are already peak-normalised
-        else:
-            mean_c, std_c = mean, std
-        stats = {"mean": [float(v) for v in mean_c], "std": [float(v) for v in std_c], "clips": len(pick)}
+        if self.kind == "wave":  # waveforms are already peak-normalised
+            mean, std = np.zeros(1), np.ones(1)
+        stats = {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "clips": len(pick)}
         atomic_write_json(stats, self.stats_path)
         return stats
 
