@@ -57,6 +57,7 @@ def train_model(cfg: dict, data_dir, work: WorkDir, model: str, progress: bool =
     y_given = folds["label"].map(cidx).to_numpy()
     n_folds = int(folds["fold"].max()) + 1
     start = time.time()
+    model_cache: dict = {}  # the compiled model is reused across folds (see trainer.fresh_model)
     for k in range(n_folds):
         fold_dir = work.fold_dir(model, k)
         summary = read_json(fold_dir / "summary.json")
@@ -72,7 +73,8 @@ def train_model(cfg: dict, data_dir, work: WorkDir, model: str, progress: bool =
         # Early stopping watches the held-out clips' given labels, as the papers did.
         result = train_fold(spec, store, rows, folds.loc[held, "fname"].tolist(), y_given[held.to_numpy()],
                             good_test, len(classes), fold_dir, seed, k, fp, progress=progress,
-                            test_split=getattr(store, "test_split", lambda fold: "test")(k))
+                            test_split=getattr(store, "test_split", lambda fold: "test")(k),
+                            model_cache=model_cache)
         write_table(probs_frame(folds.loc[held, "fname"], result.oof, classes, [k] * int(held.sum())),
                     fold_dir / "oof.csv")
         write_table(probs_frame(good_test, result.test if result.test is not None

@@ -128,3 +128,15 @@ def test_predict_clips_geometric_mean_over_windows():
     g1, g0 = np.sqrt(0.2 * 0.8), np.sqrt(0.8 * 0.2)
     np.testing.assert_allclose(out[0], [g1 / (g1 + g0), g0 / (g1 + g0)], atol=1e-6)
     np.testing.assert_allclose(out[1], [0.5, 0.5], atol=1e-6)
+
+
+def test_reused_compiled_model_matches_a_fresh_one(prepared, tmp_path):
+    cfg, work, _ = prepared
+    args = _fold_args(cfg, work)
+    cache: dict = {}
+    trainer.train_fold(out_dir=tmp_path / "warm0", model_cache=cache, **args)
+    assert len(cache) == 1
+    second = dict(args, fold=1)
+    reused = trainer.train_fold(out_dir=tmp_path / "warm1", model_cache=cache, **second)
+    fresh = trainer.train_fold(out_dir=tmp_path / "cold1", **second)
+    np.testing.assert_allclose(reused.oof, fresh.oof, atol=1e-5)
