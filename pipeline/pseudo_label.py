@@ -472,6 +472,7 @@ class FoldVerifiers:
     """
 
     def __init__(self, cfg: dict, work: WorkDir, s: dict, classes: list[str], progress: bool = True):
+        self._model_caches: dict[str, dict] = {}  # verifier -> compiled model reused across folds
         self.cfg, self.work, self.s, self.classes, self.progress = cfg, work, s, list(classes), progress
         self.seed = int(cfg.get("seed", 2018))
         self.specs = {v: verifier_spec(cfg, v) for v in s["verifiers"]}
@@ -517,7 +518,8 @@ class FoldVerifiers:
                              v, iteration, k, len(tr), len(val), len(pred_fnames))
                     result = train_fold(spec, store, rows, val["fname"].tolist(), val["label"].map(cidx).to_numpy(),
                                         pred_fnames, n_classes, fold_dir, self.seed, k, fp,
-                                        progress=self.progress, val_split="train", test_split="train")
+                                        progress=self.progress, val_split="train", test_split="train",
+                                        model_cache=self._model_caches.setdefault(v, {}))
                     pred = result.test if result.test is not None else np.zeros((0, n_classes))
                     write_table(probs_frame(pred_fnames, pred, self.classes), fold_dir / "pred.csv")
                     if self.want_crops:

@@ -84,7 +84,7 @@ class FakeTrainer:
         self.calls = []
 
     def __call__(self, spec, store, rows, val_fnames, val_labels, test_fnames, n_classes, out_dir, seed, fold,
-                 fingerprint, progress=True, val_split="train", test_split="test"):
+                 fingerprint, progress=True, val_split="train", test_split="test", model_cache=None):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "best.keras").write_text("fake")
