@@ -83,8 +83,6 @@ def test_missing_column_names_file(ds):
     assert "label" in msg
 
 
-@pytest.mark.xfail(reason="BUG: _read_csv's 'missing column' error names the file but not the line (header = line 1)",
-                   strict=True)
 def test_missing_column_names_line(ds):
     path = ds.root / "sample_submission.csv"
     _write_lines(path, ["name,label"] + _lines(path)[1:])
@@ -99,8 +97,6 @@ def test_empty_csv_zero_bytes_names_file(ds):
     assert "empty" in msg
 
 
-@pytest.mark.xfail(reason="BUG: the 0-byte CSV error names no line (expected 'line 1', where the header should be)",
-                   strict=True)
 def test_empty_csv_zero_bytes_names_line(ds):
     path = ds.root / "train.csv"
     path.write_bytes(b"")
@@ -115,8 +111,6 @@ def test_header_only_csv_names_file(ds):
     assert "no data rows" in msg
 
 
-@pytest.mark.xfail(reason="BUG: the header-only CSV error names no line (expected 'line 2', the first missing row)",
-                   strict=True)
 def test_header_only_csv_names_line(ds):
     path = ds.root / "train.csv"
     _write_lines(path, ["fname,label,manually_verified"])
@@ -207,8 +201,6 @@ def test_missing_folder_and_train_csv(ds, tmp_path):
     _assert_names(_error(ds.root), ds.root / "train.csv")
 
 
-@pytest.mark.xfail(reason="BUG: pandas skips blank lines, so after a blank line every reported line number is "
-                          "one too small", strict=True)
 def test_line_numbers_survive_blank_lines(ds):
     path = ds.root / "train.csv"
     lines = _lines(path)

@@ -81,8 +81,6 @@ def test_pseudo_labels_missing_rows(work):
     assert str(work.labels_csv) in msg and "2 clip(s)" in msg and "b.wav" in msg
 
 
-@pytest.mark.xfail(reason="BUG: an incomplete labels.csv (missing column, blank cell, duplicate fname) is not "
-                          "reported clearly: KeyError / silent NaN / pandas length error", strict=True)
 @pytest.mark.parametrize("text", [
     # no epsilon column
     "fname,label,status\na.wav,Bark,accepted\nb.wav,Cello,accepted\nc.wav,Bark,accepted\nd.wav,Drum,accepted\n",

@@ -59,8 +59,6 @@ def test_rejects_missing_and_extra_rows_by_count():
     _reject(extra.reset_index(drop=True), "4 rows")
 
 
-@pytest.mark.xfail(reason="BUG: a missing/extra row is reported only by count; the message names no row or fname",
-                   strict=True)
 def test_missing_and_extra_rows_name_the_row():
     msg = _reject(_good().drop(index=1).reset_index(drop=True), "rows")
     assert "t2.wav" in msg or "row 2" in msg, msg
