@@ -134,7 +134,7 @@ class FeatureStore:
         sharing them across folds leaks nothing a model could exploit)."""
         return read_json(self.stats_path)
 
-    def compute_stats(self, fnames: list[str], max_clips: int = 500, seed: int = 0) -> dict:
+    def compute_stats(self, fnames: list[str], max_clips: int = 500, seed: int = 0, split: str = "train") -> dict:
         """Mean/std per last-axis channel (per mel band x channel collapsed
         to per channel for 3D arrays) over up to ``max_clips`` clips."""
         rng = np.random.default_rng(seed)
@@ -146,7 +146,7 @@ class FeatureStore:
         total = sq = 0.0
         count = 0
         for fname in pick:
-            arr = np.asarray(self.load("train", fname), dtype=np.float64)
+            arr = np.asarray(self.load(split, fname), dtype=np.float64)
             flat = arr.reshape(-1, arr.shape[-1])  # (frames [x bands], channels)
             total = total + flat.sum(axis=0)
             sq = sq + (flat ** 2).sum(axis=0)

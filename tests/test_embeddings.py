@@ -8,7 +8,6 @@ the embeddings through ``pipeline.train.train_model``.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import shutil
 from types import SimpleNamespace
@@ -30,15 +29,6 @@ from pipeline.folds import load_folds, run_folds
 from pipeline.sampling import BATCH_POLICIES, balanced_batch_size, balanced_order
 from pipeline.trainer import Normalizer, TrainRows
 from pipeline.workdir import WorkDir, atomic_write_json, read_json
-
-# The shared-module changes this feature needs (see the embeddings report): until
-# they are in, the tests that go through them are skipped with this reason.
-TRAIN_ROUTES_TEST_SPLIT = "test_split" in inspect.getsource(pipeline.train.train_model)
-TRAINER_HAS_BATCH_POLICY = "batch_policy" in inspect.getsource(pipeline.trainer.WindowBatches)
-needs_test_split = pytest.mark.skipif(not TRAIN_ROUTES_TEST_SPLIT,
-                                      reason="pipeline.train.train_model does not pass store.test_split(k) yet")
-needs_batch_policy = pytest.mark.skipif(not TRAINER_HAS_BATCH_POLICY,
-                                        reason="pipeline.trainer.WindowBatches has no batch_policy option yet")
 
 PATCH = 96
 
@@ -120,14 +110,16 @@ def test_every_usable_clip_has_its_patch_embeddings(run):
     assert isinstance(store, EmbeddingStore) and store.kind == "embeddings" and store.n_folds == 2
     assert store.root == run.work.features_dir("embeddings-vggish", store.key)
     several = 0
-    for fname in run.folds["fname"]:
-        e = store.load("train", fname)
-        n = max(1, src.length("train", fname) // PATCH)
-        assert e.shape == (n, 128) and e.dtype == np.float32 and np.isfinite(e).all()
-        assert store.length("train", fname) == n
-        several += n > 1
-    assert several >= 3, "the fixture should have clips with several patches"
-    assert set(store.index("train")) == set(run.folds["fname"])  # only the usable train clips
+    for k in range(2):
+        split = store.train_split(k)
+        for fname in run.folds["fname"]:
+            e = store.load(split, fname)
+            n = max(1, src.length("train", fname) // PATCH)
+            assert e.shape == (n, 128) and e.dtype == np.float32 and np.isfinite(e).all()
+            assert store.length(split, fname) == n
+            several += n > 1
+        assert set(store.index(split)) == set(run.folds["fname"])  # only the usable train clips
+    assert several >= 6, "the fixture should have clips with several patches"
     for k in range(2):
         split = store.test_split(k)
         assert set(store.index(split)) == set(run.test_ok)  # the corrupt test clip has none
@@ -135,18 +127,22 @@ def test_every_usable_clip_has_its_patch_embeddings(run):
             assert store.load(split, fname).shape == (max(1, src.length("test", fname) // PATCH), 128)
     with pytest.raises(ValueError, match="per fold"):
         store.load("test", run.test_ok[0])
+    with pytest.raises(ValueError, match="per fold"):
+        store.load("train", run.folds["fname"][0])
     st = store.stats()
     assert len(st["mean"]) == len(st["std"]) == 128 and min(st["std"]) > 0
 
 
-def test_train_clips_come_from_the_fold_that_held_them_out(run):
+def test_each_fold_split_is_in_its_own_extractors_space(run):
+    """Fold k's split holds every train clip embedded by extractor k; its
+    held-out clips are exactly the ones extractor k never trained on."""
     for k in range(2):
-        in_fold = run.folds[run.folds["fold"] == k]["fname"].tolist()
-        fname = max(in_fold, key=lambda f: run.store.length("train", f))
-        got = run.store.load("train", fname)
-        np.testing.assert_allclose(got, _reference(run, fname, "train", k), rtol=1e-3, atol=1e-4)
-        other = _reference(run, fname, "train", 1 - k)
-        assert not np.allclose(got, other, rtol=1e-3, atol=1e-4)
+        held_out = run.folds[run.folds["fold"] == k]["fname"].tolist()
+        trained_on = run.folds[run.folds["fold"] != k]["fname"].tolist()
+        for fname in (max(held_out, key=lambda f: run.store.length(run.store.train_split(k), f)), trained_on[0]):
+            got = run.store.load(run.store.train_split(k), fname)
+            np.testing.assert_allclose(got, _reference(run, fname, "train", k), rtol=1e-3, atol=1e-4)
+            assert not np.allclose(got, _reference(run, fname, "train", 1 - k), rtol=1e-3, atol=1e-4)
 
 
 def test_test_clips_are_stored_per_fold_extractor(run):
@@ -192,7 +188,6 @@ def test_resumes_without_recomputing(run, monkeypatch):
         np.testing.assert_allclose(store.load(store.test_split(1), f), e, rtol=1e-3, atol=1e-4)
 
 
-@needs_test_split
 def test_mla_trains_end_to_end_on_embeddings(run, monkeypatch):
     splits = set()
     original = EmbeddingStore.load
@@ -203,7 +198,8 @@ def test_mla_trains_end_to_end_on_embeddings(run, monkeypatch):
 
     monkeypatch.setattr(EmbeddingStore, "load", spy)
     result = pipeline.train.train_model(run.cfg, run.ds.root, run.work, "mla", progress=False)
-    assert splits == {"train", "test-fold0", "test-fold1"}  # fold k predicts the test clips from extractor k
+    # fold k trains, validates and predicts the test clips in extractor k's space only
+    assert splits == {"train-fold0", "train-fold1", "test-fold0", "test-fold1"}
     assert result["input_shape"] == [6, 128] and 0.0 <= result["oof_map3"] <= 1.0
     oof = pd.read_csv(run.work.oof_csv("mla"), dtype={"fname": str})
     test = pd.read_csv(run.work.test_csv("mla"), dtype={"fname": str})
@@ -228,11 +224,10 @@ def test_balanced_order_has_one_clip_of_every_class_per_batch():
         assert u.max() - u.min() <= 1
 
 
-@needs_batch_policy
 def test_window_batches_balanced_policy(run):
     labels = run.folds["label"].map({c: i for i, c in enumerate(sorted(run.ds.classes))}).to_numpy()
     rows = TrainRows(fnames=run.folds["fname"].tolist(), labels=labels,
-                     epsilon=np.zeros(len(labels), np.float32), verified=np.ones(len(labels), int))
+                     epsilon=np.zeros(len(labels), np.float32), verified=np.ones(len(labels), int), split=run.store.train_split(0))
     tcfg = {"batch_policy": "balanced", "batch_size": 32, "mixup_alpha": 0.0}
     batches = pipeline.trainer.WindowBatches(run.store, rows, 3, 6, tcfg, Normalizer(None), seed=1)
     assert batches.batch_size == 3 and len(batches) == math.ceil(len(labels) / 3)
