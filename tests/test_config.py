@@ -170,3 +170,15 @@ def test_param_hash_stable():
     assert param_hash({"a": 1, "b": [1, 2]}) == param_hash({"b": [1, 2], "a": 1})
     assert param_hash({"a": 1}) != param_hash({"a": 2})
     assert len(param_hash({"a": 1})) == 10 and len(param_hash({"a": 1}, 16)) == 16
+
+
+def test_full_preset_resolves_every_model_and_feature():
+    cfg = load_config("full")
+    assert cfg["preset"] == "full"
+    assert cfg["features"]["logmel"]["sr"] == 44100 and cfg["features"]["logmel"]["n_mels"] == 128
+    for name in cfg["run"]["models"]:
+        spec = model_config(cfg, name)
+        assert spec.get("embeddings_from") or spec["feature"] in cfg["features"], name
+    assert model_config(cfg, "wave1d")["train"]["batch_size"] == 128
+    assert model_config(cfg, "inception2d")["window"] == 299
+    assert cfg["pseudo_label"]["enabled"] and cfg["labels"]["source"] == "pseudo"
