@@ -57,6 +57,14 @@ class FeatureStore:
     def dtype(self) -> str:
         return self.spec.get("dtype", "float32")
 
+    def train_split(self, fold: int) -> str:
+        """Where fold ``fold`` reads its training and held-out clips (stores
+        with per-fold contents, like embeddings, override these two)."""
+        return "train"
+
+    def test_split(self, fold: int) -> str:
+        return "test"
+
     def compute_params(self) -> dict:
         """Arguments for :func:`pipeline.spectral.compute_feature`."""
         return {k: v for k, v in self.spec.items() if k not in ("kind", "sr", "dtype")}

@@ -65,8 +65,7 @@ def train_model(cfg: dict, data_dir, work: WorkDir, model: str, progress: bool =
             log.info("%s fold %d: done (val MAP@3 %.4f), skipping", model, k, summary["val_map3"])
             continue
         tr = labels[folds["fold"] != k]
-        # stores with per-fold splits (embeddings) name where fold k reads its clips from
-        train_split = getattr(store, "train_split", lambda fold: "train")(k)
+        train_split = store.train_split(k)  # per-fold for embeddings, "train" otherwise
         rows = TrainRows(fnames=tr["fname"].tolist(), labels=tr["label"].map(cidx).to_numpy(),
                          epsilon=tr["epsilon"].to_numpy(dtype=np.float32), verified=tr["verified"].to_numpy(),
                          split=train_split)
@@ -76,7 +75,7 @@ def train_model(cfg: dict, data_dir, work: WorkDir, model: str, progress: bool =
         # Early stopping watches the held-out clips' given labels, as the papers did.
         result = train_fold(spec, store, rows, folds.loc[held, "fname"].tolist(), y_given[held.to_numpy()],
                             good_test, len(classes), fold_dir, seed, k, fp, progress=progress,
-                            val_split=train_split, test_split=getattr(store, "test_split", lambda fold: "test")(k),
+                            val_split=train_split, test_split=store.test_split(k),
                             model_cache=model_cache)
         write_table(probs_frame(folds.loc[held, "fname"], result.oof, classes, [k] * int(held.sum())),
                     fold_dir / "oof.csv")
