@@ -226,3 +226,75 @@ def tiny_config(**feature_overrides) -> dict:
         "models": {"m_logmel": {"feature": "logmel", "window": 16}, "m_wave": {"feature": "wave", "window": 2048}},
         "run": {"models": ["m_logmel", "m_wave"]},
     }
+
+
+# ---------------------------------------------------------------------------
+# the FSDKaggle2018 release as downloaded from Zenodo
+
+ZENODO_META = "FSDKaggle2018.meta"
+ZENODO_TRAIN_CSV = f"{ZENODO_META}/train_post_competition.csv"
+ZENODO_TEST_CSV = f"{ZENODO_META}/test_post_competition_scoring_clips.csv"
+ZENODO_AUDIO = {"train": "FSDKaggle2018.audio_train", "test": "FSDKaggle2018.audio_test"}
+
+
+@dataclass
+class ZenodoDataset:
+    root: Path
+    classes: list[str]                       # sorted
+    train: list[dict]                        # rows of train_post_competition.csv (manually_verified as int)
+    test_fnames: list[str]                   # scoring clips, in file order
+    test_labels: dict[str, str]              # fname -> label (every scoring clip)
+    usage: dict[str, str]                    # fname -> "Public" / "Private"
+    padding: list[str] = field(default_factory=list)   # in the test audio folder but not scored
+
+    @property
+    def train_csv(self) -> Path:
+        return self.root / ZENODO_TRAIN_CSV
+
+    @property
+    def test_csv(self) -> Path:
+        return self.root / ZENODO_TEST_CSV
+
+    def audio_dir(self, split: str) -> Path:
+        return self.root / ZENODO_AUDIO[split]
+
+    def path(self, split: str, fname: str) -> Path:
+        return self.audio_dir(split) / fname
+
+    @property
+    def train_fnames(self) -> list[str]:
+        return [r["fname"] for r in self.train]
+
+
+def make_zenodo_layout(root, n_classes: int = 3, clips_per_class: int = 4, n_test: int = 4, n_padding: int = 2,
+                       sr: int = 16000, seed: int = 0) -> ZenodoDataset:
+    """Write a tiny dataset in the Zenodo FSDKaggle2018 layout under ``root``::
+
+        FSDKaggle2018.audio_train/*.wav
+        FSDKaggle2018.audio_test/*.wav     scoring clips + ``n_padding`` unscored ones
+        FSDKaggle2018.meta/train_post_competition.csv             fname,label,manually_verified,freesound_id,license
+        FSDKaggle2018.meta/test_post_competition_scoring_clips.csv fname,label,usage,freesound_id,license
+
+    Built from :func:`make_tiny_dataset` (no hard cases) in a staging folder
+    whose audio folders are moved into place; nothing else is left behind.
+    Scoring clips alternate Public / Private usage."""
+    import shutil
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / "_kaggle_staging"
+    tiny = make_tiny_dataset(staging, n_classes=n_classes, clips_per_class=clips_per_class, n_test=n_test + n_padding,
+                             sr=sr, hard_cases=False, seed=seed)
+    for split, folder in ZENODO_AUDIO.items():
+        (staging / f"audio_{split}").rename(root / folder)
+    shutil.rmtree(staging)
+    (root / ZENODO_META).mkdir(exist_ok=True)
+    scored, padding = tiny.test_fnames[:n_test], tiny.test_fnames[n_test:]
+    usage = {f: ("Public" if i % 2 == 0 else "Private") for i, f in enumerate(scored)}
+    _write_csv(root / ZENODO_TRAIN_CSV, ["fname", "label", "manually_verified", "freesound_id", "license"],
+               [[r["fname"], r["label"], r["manually_verified"], 1000 + i, "Attribution"]
+                for i, r in enumerate(tiny.train)])
+    _write_csv(root / ZENODO_TEST_CSV, ["fname", "label", "usage", "freesound_id", "license"],
+               [[f, tiny.test_labels[f], usage[f], 5000 + i, "Creative Commons 0"] for i, f in enumerate(scored)])
+    return ZenodoDataset(root=root, classes=tiny.classes, train=tiny.train, test_fnames=scored,
+                         test_labels={f: tiny.test_labels[f] for f in scored}, usage=usage, padding=padding)
