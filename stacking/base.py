@@ -60,7 +60,10 @@ def expand_proba(proba: np.ndarray, seen: np.ndarray, n_classes: int) -> np.ndar
 
 class Level2Estimator(BaseEstimator):
     """Base of blends and stackers: ``fit(X_models, y, sample_weight=None, *,
-    extra=None, verified=None)`` and ``predict_proba(X_models, *, extra=None)``."""
+    extra=None, verified=None)`` and ``predict_proba(X_models, *, extra=None)``.
+    ``kind`` is how the score table lists it: ``blend`` or ``stacker``."""
+
+    kind = "stacker"
 
     def _check_models(self, X_models: Mapping[str, np.ndarray], fitting: bool) -> list[np.ndarray]:
         """The models' matrices as float arrays, in the order fixed at fit time."""

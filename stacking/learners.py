@@ -8,14 +8,43 @@ that fits and scores them, always on disjoint rows.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_softmax
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from stacking.base import EPS, Level2Estimator, as_extra, expand_proba, row_weights
+
+
+def inner_splits(y: np.ndarray, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Inner cross-validation folds over a learner's OWN training rows
+    (stratified when every class has at least ``n_splits`` rows), used to
+    choose regularisation; the outer evaluation's held-out rows never enter."""
+    y = np.asarray(y)
+    _, counts = np.unique(y, return_counts=True)
+    splitter = (StratifiedKFold(n_splits, shuffle=True, random_state=seed) if counts.min() >= n_splits
+                else KFold(n_splits, shuffle=True, random_state=seed))
+    return list(splitter.split(np.zeros(len(y)), y))
+
+
+def weighted_log_loss(y: np.ndarray, proba: np.ndarray, w: np.ndarray | None) -> float:
+    p = np.clip(np.asarray(proba)[np.arange(len(y)), y], EPS, 1.0)
+    return float(np.average(-np.log(p), weights=w))
+
+
+def _grid(value) -> list:
+    """A setting that is a number or a list of candidates (a list: chosen by inner CV)."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        values = list(value)
+        if not values:
+            raise ValueError("an empty list of candidates")
+        return values
+    return [value]
 
 
 class LogisticFusion(Level2Estimator):
@@ -37,17 +66,25 @@ class LogisticFusion(Level2Estimator):
     an L2 penalty ||w||^2 / (2C). The paper's single global bias is a no-op
     under a softmax over classes, so it is left out.
 
+    ``C``: the inverse L2 strength, a number, or a list of candidates chosen
+    by inner cross-validation (``inner_folds`` folds of the TRAINING rows
+    only, lowest row-weighted held-out log-loss), then refit on all training
+    rows with the chosen ``C_``; ``inner_scores_`` holds C -> inner log-loss.
+
     ``unverified_weight``: weight of non-verified rows (when ``verified`` is
     passed to fit); None weighs every row 1.
     """
 
-    def __init__(self, C: float = 1.0, per_model_weights: bool = False, class_bias: bool = False,
-                 unverified_weight: float | None = None, max_iter: int = 1000):
+    def __init__(self, C: float | Sequence[float] = 1.0, per_model_weights: bool = False,
+                 class_bias: bool = False, unverified_weight: float | None = None, max_iter: int = 1000,
+                 inner_folds: int = 3, random_state: int = 0):
         self.C = C
         self.per_model_weights = per_model_weights
         self.class_bias = class_bias
         self.unverified_weight = unverified_weight
         self.max_iter = max_iter
+        self.inner_folds = inner_folds
+        self.random_state = random_state
 
     # -- features ------------------------------------------------------------
     def _standardised(self, mats: list[np.ndarray], fitting: bool) -> list[np.ndarray]:
@@ -63,26 +100,56 @@ class LogisticFusion(Level2Estimator):
         n = mats[0].shape[0]
         y = self._check_y(y, n)
         w = row_weights(n, sample_weight, verified, self.unverified_weight)
-        Z = self._standardised(mats, fitting=True)
-        if self.per_model_weights:
-            self._fit_restricted(np.stack(Z), y, w)
+        Z = np.stack(self._standardised(mats, fitting=True))  # (M, n, K)
+        Cs = [float(c) for c in _grid(self.C)]
+        if any(not np.isfinite(c) or c <= 0 for c in Cs):
+            raise ValueError(f"C must be > 0, got {self.C}")
+        self.inner_scores_ = {}
+        if len(Cs) > 1:
+            if self.inner_folds < 2:
+                raise ValueError(f"choosing C from {Cs} needs inner_folds >= 2, got {self.inner_folds}")
+            splits = inner_splits(y, self.inner_folds, self.random_state)
+            for C in Cs:
+                losses = []
+                for tr, va in splits:
+                    state = self._fit_once(Z[:, tr], y[tr], None if w is None else w[tr], C)
+                    losses.append(weighted_log_loss(y[va], self._predict_once(state, Z[:, va]),
+                                                    None if w is None else w[va]))
+                self.inner_scores_[C] = float(np.mean(losses))
+            self.C_ = min(self.inner_scores_, key=self.inner_scores_.get)
         else:
-            self.pipeline_ = Pipeline([
-                ("scale", StandardScaler()),
-                ("lr", LogisticRegression(C=self.C, max_iter=self.max_iter)),
-            ])
-            params = {} if w is None else {"lr__sample_weight": w}
-            self.pipeline_.fit(np.concatenate(Z, axis=1), y, **params)
+            self.C_ = Cs[0]
+        self._state = self._fit_once(Z, y, w, self.C_)
+        if self.per_model_weights:
+            self.coef_, self.intercept_ = self._state
+            self.model_weights_ = dict(zip(self.models_, map(float, self.coef_)))
+        else:
+            self.pipeline_ = self._state
         return self
 
-    def _fit_restricted(self, Z: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> None:
+    def _fit_once(self, Z: np.ndarray, y: np.ndarray, w: np.ndarray | None, C: float):
+        if self.per_model_weights:
+            return self._fit_restricted(Z, y, w, C)
+        pipe = Pipeline([("scale", StandardScaler()), ("lr", LogisticRegression(C=C, max_iter=self.max_iter))])
+        params = {} if w is None else {"lr__sample_weight": w}
+        pipe.fit(np.concatenate(list(Z), axis=1), y, **params)
+        return pipe
+
+    def _predict_once(self, state, Z: np.ndarray) -> np.ndarray:
+        if self.per_model_weights:
+            coef, intercept = state
+            return np.exp(log_softmax(np.tensordot(coef, Z, axes=1) + intercept, axis=1))
+        proba = state.predict_proba(np.concatenate(list(Z), axis=1))
+        return expand_proba(proba, state.classes_, self.n_classes_)
+
+    def _fit_restricted(self, Z: np.ndarray, y: np.ndarray, w: np.ndarray | None, C: float):
         """Convex problem in (w_m, b_c): weighted mean log-loss + L2 / (2 C sum(w))."""
         M, n, K = Z.shape
         sw = np.ones(n) if w is None else w
         total = sw.sum()
         onehot = np.zeros((n, K))
         onehot[np.arange(n), y] = 1.0
-        reg = 1.0 / (self.C * total)
+        reg = 1.0 / (C * total)
 
         def loss_grad(theta):
             wm = theta[:M]
@@ -97,16 +164,11 @@ class LogisticFusion(Level2Estimator):
 
         theta0 = np.zeros(M + (K if self.class_bias else 0))
         res = minimize(loss_grad, theta0, jac=True, method="L-BFGS-B", options={"maxiter": self.max_iter})
-        self.coef_ = res.x[:M]
-        self.intercept_ = res.x[M:] if self.class_bias else np.zeros(K)
-        self.model_weights_ = dict(zip(self.models_, map(float, self.coef_)))
+        return res.x[:M], (res.x[M:] if self.class_bias else np.zeros(K))
 
     def predict_proba(self, X_models, *, extra=None) -> np.ndarray:
         Z = self._standardised(self._check_models(X_models, fitting=False), fitting=False)
-        if self.per_model_weights:
-            return np.exp(log_softmax(np.tensordot(self.coef_, np.stack(Z), axes=1) + self.intercept_, axis=1))
-        proba = self.pipeline_.predict_proba(np.concatenate(Z, axis=1))
-        return expand_proba(proba, self.pipeline_.classes_, self.n_classes_)
+        return self._predict_once(self._state, np.stack(Z))
 
 
 class LightGBMStacker(Level2Estimator):
@@ -114,12 +176,23 @@ class LightGBMStacker(Level2Estimator):
     probabilities plus optional per-clip features (``extra``, e.g. MFCC
     statistics; NaN allowed for clips without them) — the meta-learner of the
     1st public LB system. Non-verified rows weigh ``unverified_weight`` (None:
-    all rows weigh 1). Deterministic for a given ``random_state``."""
+    all rows weigh 1). Deterministic for a given ``random_state``.
+
+    ``inner_folds`` >= 2: regularisation chosen by inner cross-validation over
+    the TRAINING rows only: for every (``num_leaves``, ``min_child_samples``)
+    pair (each may be a list of candidates), ``lightgbm.cv`` on
+    ``inner_folds`` folds with early stopping (``early_stopping_rounds``) gives
+    the held-out (row-weighted) multi-logloss curve; the pair and the number of
+    trees (at most ``n_estimators``) with the lowest inner loss are refit on
+    all training rows (``best_params_``, ``inner_scores_``). ``inner_folds``
+    0: one fit with ``n_estimators`` trees and single values.
+    """
 
     def __init__(self, n_estimators: int = 200, learning_rate: float = 0.05, max_depth: int = 3,
-                 num_leaves: int = 8, min_child_samples: int = 20, reg_lambda: float = 1.0,
-                 colsample_bytree: float = 1.0, unverified_weight: float | None = 0.6,
-                 n_jobs: int = 1, random_state: int = 2018):
+                 num_leaves: int | Sequence[int] = 8, min_child_samples: int | Sequence[int] = 20,
+                 reg_lambda: float = 1.0, colsample_bytree: float = 1.0, unverified_weight: float | None = 0.6,
+                 n_jobs: int = 1, random_state: int = 2018, inner_folds: int = 0,
+                 early_stopping_rounds: int = 30):
         self.n_estimators = n_estimators
         self.learning_rate = learning_rate
         self.max_depth = max_depth
@@ -130,6 +203,8 @@ class LightGBMStacker(Level2Estimator):
         self.unverified_weight = unverified_weight
         self.n_jobs = n_jobs
         self.random_state = random_state
+        self.inner_folds = inner_folds
+        self.early_stopping_rounds = early_stopping_rounds
 
     def _design(self, mats: list[np.ndarray], extra, fitting: bool) -> np.ndarray:
         n = mats[0].shape[0]
@@ -141,19 +216,61 @@ class LightGBMStacker(Level2Estimator):
             raise ValueError(f"LightGBMStacker was fit with {self.n_extra_} extra feature(s), got {width}")
         return np.concatenate(mats + ([ex] if ex is not None else []), axis=1)
 
+    def _candidates(self) -> list[dict]:
+        leaves, mcs = [int(v) for v in _grid(self.num_leaves)], [int(v) for v in _grid(self.min_child_samples)]
+        too_many = [v for v in leaves if v > 2 ** self.max_depth]
+        if too_many:
+            raise ValueError(f"num_leaves={too_many[0]} exceeds 2**max_depth={2 ** self.max_depth}")
+        grid = [{"num_leaves": nl, "min_child_samples": m} for nl in leaves for m in mcs]
+        if len(grid) > 1 and self.inner_folds < 2:
+            raise ValueError("lists of num_leaves/min_child_samples candidates need inner_folds >= 2")
+        return grid
+
+    def _inner_cv(self, X, y, w, grid: list[dict]) -> tuple[dict, int]:
+        """(params, n_trees) with the lowest inner-CV held-out multi-logloss."""
+        import lightgbm as lgb
+
+        classes, y_enc = np.unique(y, return_inverse=True)
+        splits = inner_splits(y, self.inner_folds, self.random_state)
+        self.inner_scores_ = {}
+        best = None
+        for cand in grid:
+            params = {"objective": "multiclass", "num_class": len(classes), "learning_rate": self.learning_rate,
+                      "max_depth": self.max_depth, "num_leaves": cand["num_leaves"],
+                      "min_data_in_leaf": cand["min_child_samples"], "lambda_l2": self.reg_lambda,
+                      "feature_fraction": self.colsample_bytree, "num_threads": self.n_jobs,
+                      "seed": self.random_state, "deterministic": True, "force_col_wise": True,
+                      "feature_pre_filter": False, "verbose": -1}
+            data = lgb.Dataset(X, label=y_enc, weight=w, params={"verbose": -1, "feature_pre_filter": False},
+                               free_raw_data=False)
+            res = lgb.cv(params, data, num_boost_round=self.n_estimators, folds=splits, stratified=False,
+                         shuffle=False, callbacks=[lgb.early_stopping(self.early_stopping_rounds, verbose=False)])
+            curve = np.asarray(res["valid multi_logloss-mean"])
+            it = int(np.argmin(curve))
+            key = (cand["num_leaves"], cand["min_child_samples"])
+            self.inner_scores_[key] = {"logloss": float(curve[it]), "n_estimators": it + 1}
+            if best is None or curve[it] < best[0]:
+                best = (float(curve[it]), cand, it + 1)
+        return best[1], best[2]
+
     def fit(self, X_models, y, sample_weight=None, *, extra=None, verified=None):
         import lightgbm as lgb
 
-        if self.num_leaves > 2 ** self.max_depth:
-            raise ValueError(f"num_leaves={self.num_leaves} exceeds 2**max_depth={2 ** self.max_depth}")
+        grid = self._candidates()
         mats = self._check_models(X_models, fitting=True)
         X = self._design(mats, extra, fitting=True)
         y = self._check_y(y, X.shape[0])
         w = row_weights(X.shape[0], sample_weight, verified, self.unverified_weight)
+        if self.inner_folds >= 2 and len(np.unique(y)) > 1:
+            params, n_trees = self._inner_cv(X, y, w, grid)
+        else:
+            params, n_trees, self.inner_scores_ = grid[0], self.n_estimators, {}
+        self.best_params_ = {**params, "n_estimators": n_trees}
         self.booster_ = lgb.LGBMClassifier(
-            objective="multiclass", n_estimators=self.n_estimators, learning_rate=self.learning_rate,
-            max_depth=self.max_depth, num_leaves=self.num_leaves, min_child_samples=self.min_child_samples,
-            reg_lambda=self.reg_lambda, colsample_bytree=self.colsample_bytree, n_jobs=self.n_jobs,
+            objective="multiclass", n_estimators=n_trees, learning_rate=self.learning_rate,
+            max_depth=self.max_depth, num_leaves=params["num_leaves"],
+            min_child_samples=params["min_child_samples"], reg_lambda=self.reg_lambda,
+            colsample_bytree=self.colsample_bytree, n_jobs=self.n_jobs,
             random_state=self.random_state, deterministic=True, force_col_wise=True, verbose=-1)
         self.booster_.fit(X, y, sample_weight=w)
         return self

@@ -211,7 +211,9 @@ def test_evaluate_scores_models_blends_and_stackers():
     inputs.test = {"good": signal_probs(rng, np.array([0, 1, 0, 2]), k, 6.0), "noise": rng.dirichlet(np.ones(k), 4)}
     inputs.test_fnames = ["t0", "t1", "t2", "t3"]
     ev = evaluate(inputs, {"geomean": GeometricMeanBlend(), "logreg": LogisticFusion()}, test_y=test_y)
-    assert list(ev.scores.columns) == ["name", "kind", "map3_all", "map3_verified", "accuracy_all", "map3_test"]
+    assert list(ev.scores.columns) == ["name", "kind", "map3_all", "map3_all_se", "map3_verified",
+                                       "map3_verified_se", "accuracy_all", "map3_all_se_rows",
+                                       "map3_test", "map3_test_se"]
     assert list(ev.scores["name"]) == ["good", "noise", "geomean", "logreg"]
     assert list(ev.scores["kind"]) == ["model", "model", "blend", "stacker"]
     good = ev.scores.set_index("name").loc["good"]
@@ -347,7 +349,8 @@ def make_stage_dirs(tmp_path, with_mfcc=True):
     for m, (oof, test) in tables.items():
         write_table(probs_frame(train["fname"], oof, classes, folds["fold"]), work.oof_csv(m))
         write_table(probs_frame(test_fnames, test, classes), work.test_csv(m))
-    cfg_text = ("seed: 1\nfeatures:\n  mfcc: {kind: mfcc, n_mfcc: 3}\nrun:\n  models: [good, noise, untrained]\n"
+    cfg_text = ("seed: 1\nfeatures:\n  mfcc: {kind: mfcc, n_mfcc: 3}\n"
+                "models: {good: {}, noise: {}, untrained: {}}\nrun:\n  models: [good, noise, untrained]\n"
                 "stacking:\n  lightgbm: {n_estimators: 15}\n")
     cfg_path = tmp_path / "preset.yaml"
     cfg_path.write_text(cfg_text)
@@ -366,10 +369,13 @@ def test_stage_end_to_end(tmp_path, restore_logging, capsys):
     assert str(work.submission_csv) in capsys.readouterr().out
     d = work.stacking_dir
     scores = pd.read_csv(d / "scores.csv")
-    names = ["good", "noise", "mean", "geomean", "rank", "logreg", "lightgbm"]
+    names = ["good", "noise", "mean", "geomean", "rank", "learned", "logreg", "lightgbm"]
     assert list(scores["name"]) == names
-    assert list(scores.columns) == ["name", "kind", "map3_all", "map3_verified", "accuracy_all", "map3_test"]
-    assert scores[["map3_all", "map3_verified", "map3_test"]].notna().all().all()
+    assert list(scores.columns) == ["name", "kind", "map3_all", "map3_all_se", "map3_verified", "map3_verified_se",
+                                    "accuracy_all", "map3_all_se_rows", "diff_vs_default", "diff_se",
+                                    "diff_se_rows", "diff_se_folds", "map3_test", "map3_test_se",
+                                    "diff_test_vs_default", "diff_test_se"]
+    assert scores.drop(columns=["name", "kind"]).notna().all().all()
     sub = pd.read_csv(work.submission_csv)
     validate_submission(sub, test_fnames, ["a", "b", "c", "d", "e"])
     for name in names:
@@ -382,7 +388,15 @@ def test_stage_end_to_end(tmp_path, restore_logging, capsys):
     summary = pd.read_json(d / "summary.json", typ="series")
     s = scores.set_index("name")
     assert summary["final"] in names and summary["mfcc_statistics"] == "mfcc"
-    assert summary["cv_map3_all"] == pytest.approx(s["map3_all"].max())
+    # the rule: the default geomean unless a learner beats it by more than one SE of the paired difference
+    assert summary["default"] == "geomean" and summary["selection"]["rule"] == "auto"
+    beats = s["diff_vs_default"] > s["diff_se"]
+    if beats.any():
+        assert summary["final"] == s[beats]["map3_all"].idxmax()
+    else:
+        assert summary["final"] == "geomean"
+    assert summary["cv_map3_all"] == pytest.approx(s.loc[summary["final"], "map3_all"])
+    assert s.loc["geomean", "diff_vs_default"] == 0
     assert summary["cv_map3_all"] >= s.loc["good", "map3_all"] - 0.02
     assert s.loc["logreg", "map3_all"] >= s.loc["good", "map3_all"] - 0.05
     assert s.loc["good", "map3_all"] > s.loc["noise", "map3_all"] + 0.2
