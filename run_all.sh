@@ -85,6 +85,22 @@ if [[ -z "$DATA" ]]; then
   DATA="$("$PY" -m data.build_demo --out "$REPO/demo_data")"
 fi
 
+# --- one run per work directory at a time ------------------------------------------
+if ! mkdir -p "$WORK" 2>/dev/null || [[ ! -d "$WORK" || ! -w "$WORK" ]]; then
+  echo "error: --work $WORK: cannot create or write to it; pass a folder you can write to" >&2
+  exit 2
+fi
+exec 9>>"$WORK/.lock"
+if ! flock -n 9; then
+  holder="$(cat "$WORK/.lock.json" 2>/dev/null || echo 'another process')"
+  echo "error: --work $WORK is in use by another run ($holder); wait for it to finish or pass another --work" >&2
+  exit 2
+fi
+export AT_WORK_LOCK="$(cd "$WORK" && pwd -P)"
+export AT_RUN_ID="${AT_RUN_ID:-$(date +%Y%m%d-%H%M%S)-$$}"
+printf '{"pid": %d, "host": "%s", "what": "run_all.sh", "since": "%s"}\n' "$$" "$(hostname)" \
+  "$(date '+%Y-%m-%d %H:%M:%S')" > "$WORK/.lock.json"
+
 ARGS=(--config "$PRESET" --data "$DATA" --work "$WORK" "${SETS[@]}")
 stage() { local name="$1"; shift; log "$name"; "$PY" -m "$@" "${ARGS[@]}"; }
 
@@ -96,4 +112,10 @@ stage "training" pipeline.train
 stage "stacking" stacking.stack
 stage "report" pipeline.report
 log "done in $(( $(date +%s) - START )) s"
+CHANGED="$WORK/logs/$AT_RUN_ID/changed.txt"
+if [[ -s "$CHANGED" ]]; then
+  echo "stages that did work: $(cut -f1 "$CHANGED" | sort -u | tr '\n' ' ')(logs: $WORK/logs/$AT_RUN_ID/)"
+else
+  echo "identical rerun: every stage was up to date, nothing recomputed (logs: $WORK/logs/$AT_RUN_ID/)"
+fi
 "$PY" -m pipeline.summary "${ARGS[@]}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,40 +77,73 @@ class FeatureStore:
             atomic_write_json(self.params, self.root / "params.json")
 
     # -- writing -----------------------------------------------------------
-    def write_shard(self, split: str, arrays: dict[str, np.ndarray], bad: dict[str, dict]) -> Path:
-        """Store one task's clips: ``arrays`` fname -> array, ``bad`` fname -> {reason, detail}."""
+    def write_shard(self, split: str, arrays: dict[str, np.ndarray], bad: dict[str, dict],
+                    ids: dict[str, list] | None = None) -> Path:
+        """Store one task's clips: ``arrays`` fname -> array, ``bad`` fname -> {reason, detail};
+        ``ids`` fname -> the audio file's identity (size, mtime_ns) it was computed from."""
         names = list(arrays) + list(bad)
-        shard = self.root / split / f"shard-{param_hash(sorted(names), 16)}"
+        ids = {f: list(ids[f]) for f in names if f in ids} if ids else {}
+        shard = self.root / split / f"shard-{param_hash([sorted(names), sorted(ids.items())], 16)}"
         lengths = [int(a.shape[0]) for a in arrays.values()]
         if arrays:
             data = np.concatenate([np.asarray(a, dtype=self.dtype) for a in arrays.values()], axis=0)
             buf = io.BytesIO()
             np.save(buf, data)
             atomic_write_bytes(shard.with_suffix(".npy"), buf.getvalue())
-        atomic_write_json({"fnames": list(arrays), "lengths": lengths, "bad": bad},
-                          shard.with_suffix(".index.json"))
+        atomic_write_json({"fnames": list(arrays), "lengths": lengths, "bad": bad, "ids": ids,
+                           "written_ns": time.time_ns()}, shard.with_suffix(".index.json"))
         return shard
 
     # -- reading -----------------------------------------------------------
     def index(self, split: str, refresh: bool = False) -> dict[str, dict]:
-        """fname -> {"shard", "start", "stop"} or {"bad": {reason, detail}}."""
+        """fname -> {"shard", "start", "stop", "id"} or {"bad": {reason, detail}, "id"}.
+
+        A clip recomputed after its audio file changed sits in a newer shard;
+        the newest shard's entry wins."""
         if refresh or split not in self._index:
             entries: dict[str, dict] = {}
             folder = self.root / split
+            metas = []
             for idx_path in sorted(folder.glob("shard-*.index.json")) if folder.is_dir() else []:
                 meta = read_json(idx_path)
+                metas.append((meta.get("written_ns", 0), idx_path.name, idx_path, meta))
+            for _, _, idx_path, meta in sorted(metas, key=lambda m: (m[0], m[1])):
                 npy = idx_path.with_name(idx_path.name.replace(".index.json", ".npy"))
+                ids = meta.get("ids", {})
                 offset = 0
                 for fname, length in zip(meta["fnames"], meta["lengths"]):
-                    entries[fname] = {"shard": npy, "start": offset, "stop": offset + length}
+                    entries[fname] = {"shard": npy, "start": offset, "stop": offset + length, "id": ids.get(fname)}
                     offset += length
                 for fname, why in meta.get("bad", {}).items():
-                    entries[fname] = {"bad": why}
+                    entries[fname] = {"bad": why, "id": ids.get(fname)}
             self._index[split] = entries
         return self._index[split]
 
-    def is_done(self, split: str, fname: str) -> bool:
-        return fname in self.index(split)
+    def is_done(self, split: str, fname: str, ident=None) -> bool:
+        """Cached, and (with ``ident``) computed from the audio file as it is now."""
+        entry = self.index(split).get(fname)
+        if entry is None:
+            return False
+        return ident is None or entry.get("id") == list(ident)
+
+    def prune(self, split: str) -> int:
+        """Delete shards none of whose clips is current any more (every clip
+        was recomputed into a newer shard). Returns the number removed."""
+        current = {e["shard"] for e in self.index(split, refresh=True).values() if "shard" in e}
+        bad_current = {f for f, e in self.index(split).items() if "bad" in e}
+        removed = 0
+        for idx_path in sorted((self.root / split).glob("shard-*.index.json")):
+            npy = idx_path.with_name(idx_path.name.replace(".index.json", ".npy"))
+            meta = read_json(idx_path)
+            holds_bad = any(f in bad_current and self._index[split][f].get("id") == meta.get("ids", {}).get(f)
+                            for f in meta.get("bad", {}))
+            if npy not in current and not holds_bad:
+                idx_path.unlink()
+                npy.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            self.index(split, refresh=True)
+        return removed
 
     def bad_reason(self, split: str, fname: str) -> dict | None:
         return self.index(split).get(fname, {}).get("bad")
@@ -142,7 +176,8 @@ class FeatureStore:
         sharing them across folds leaks nothing a model could exploit)."""
         return read_json(self.stats_path)
 
-    def compute_stats(self, fnames: list[str], max_clips: int = 500, seed: int = 0, split: str = "train") -> dict:
+    def compute_stats(self, fnames: list[str], max_clips: int = 500, seed: int = 0, split: str = "train",
+                      source: str | None = None) -> dict:
         """Mean/std per last-axis channel (per mel band x channel collapsed
         to per channel for 3D arrays) over up to ``max_clips`` clips."""
         rng = np.random.default_rng(seed)
@@ -163,7 +198,8 @@ class FeatureStore:
         std = np.sqrt(np.maximum(sq / count - mean ** 2, 1e-12))
         if self.kind == "wave":  # waveforms are already peak-normalised
             mean, std = np.zeros(1), np.ones(1)
-        stats = {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "clips": len(pick)}
+        stats = {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "clips": len(pick),
+                 "source": source}
         atomic_write_json(stats, self.stats_path)
         return stats
 

@@ -152,12 +152,15 @@ def source_fingerprints(work: WorkDir, source: str, n_folds: int) -> list[str]:
 
 
 def _check_source_current(cfg: dict, work: WorkDir, source: str, spec: dict, src_store: FeatureStore,
-                          folds: pd.DataFrame, fingerprints: list[str]) -> None:
-    """Warn when the extractor was trained with settings other than the preset's."""
-    from pipeline.labels import table_hash, training_labels
+                          folds: pd.DataFrame, fingerprints: list[str], dataset) -> None:
+    """Warn when the extractor was trained with other settings or data than the current ones."""
+    from pipeline.fingerprints import data_hash, table_hash
+    from pipeline.labels import training_labels
     from pipeline.trainer import fold_fingerprint
     labels = training_labels(cfg, work, folds, spec["train"])
-    want = fold_fingerprint(spec, src_store.key, table_hash(labels), table_hash(folds), int(cfg.get("seed", 2018)))
+    clips = pd.read_csv(work.clips_csv, dtype={"fname": str}, keep_default_na=False)
+    want = fold_fingerprint(spec, src_store.key, table_hash(labels), table_hash(folds), int(cfg.get("seed", 2018)),
+                            data_hash(clips, dataset.classes, _usable_test(work)))
     stale = [k for k, fp in enumerate(fingerprints) if fp != want]
     if stale:
         log.warning("%s fold(s) %s were trained with other settings than the preset's: the embeddings use "
@@ -165,7 +168,7 @@ def _check_source_current(cfg: dict, work: WorkDir, source: str, spec: dict, src
                     ", ".join(map(str, stale)), source)
 
 
-def open_embedding_store(cfg: dict, work: WorkDir, source: str) -> EmbeddingStore:
+def open_embedding_store(cfg: dict, work: WorkDir, source: str, dataset=None) -> EmbeddingStore:
     """The store of ``source``'s embeddings (nothing computed)."""
     spec = model_config(cfg, source)
     if spec.get("embeddings_from"):
@@ -176,7 +179,8 @@ def open_embedding_store(cfg: dict, work: WorkDir, source: str) -> EmbeddingStor
     folds = load_folds(work)
     n_folds = int(folds["fold"].max()) + 1
     fingerprints = source_fingerprints(work, source, n_folds)
-    _check_source_current(cfg, work, source, spec, src_store, folds, fingerprints)
+    if dataset is not None:
+        _check_source_current(cfg, work, source, spec, src_store, folds, fingerprints, dataset)
     return EmbeddingStore(work, source, spec, src_store, fingerprints, cfg.get("audio", {}))
 
 
@@ -254,12 +258,12 @@ def compute_embeddings(cfg: dict, work: WorkDir, store: EmbeddingStore, progress
 
 
 def embedding_store(cfg: dict, work: WorkDir, source_model: str, compute: bool = True,
-                    progress: bool = True) -> EmbeddingStore:
+                    progress: bool = True, dataset=None) -> EmbeddingStore:
     """The embeddings of ``source_model``'s fine-tuned extractors, with the
     FeatureStore reading interface (``load``, ``length``, ``stats``, ``key``,
     ``name``, ``kind``) plus ``test_split(fold)``. With ``compute`` (default)
     whatever is missing is computed first."""
-    store = open_embedding_store(cfg, work, source_model)
+    store = open_embedding_store(cfg, work, source_model, dataset)
     if compute:
         stats = compute_embeddings(cfg, work, store, progress=progress)
         if stats["clips"]:
@@ -296,9 +300,11 @@ def main(argv=None):
                             "embeddings_from of run.models, else vggish)")
     args, cfg, work = start_stage("Embed every 0.96 s patch with the fine-tuned extractors.", "embeddings", argv,
                                   extra)
+    from pipeline.dataset import load_dataset
+    dataset = load_dataset(args.data)
     for source in args.source or default_sources(cfg):
         with timed_stage(work, f"embeddings:{source}"):
-            embedding_store(cfg, work, source)
+            embedding_store(cfg, work, source, dataset=dataset)
 
 
 if __name__ == "__main__":

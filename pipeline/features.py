@@ -25,6 +25,7 @@ from pipeline.cache import FeatureStore, describe, feature_stores
 from pipeline.cli import run_main, start_stage, timed_stage
 from pipeline.config import model_config
 from pipeline.dataset import Dataset, load_dataset
+from pipeline.fingerprints import clips_hash, file_identity
 from pipeline.spectral import compute_feature
 from pipeline.workdir import WorkDir, atomic_write_csv
 
@@ -61,7 +62,7 @@ def _process_clips(split: str, tasks, stores: dict[str, FeatureStore], audio_cfg
     arrays = {name: {} for name in stores}
     rejected = {name: {} for name in stores}
     with threadpool_limits(1):  # parallelism is across clips; BLAS threads only contend
-        for fname, path, names in tasks:
+        for fname, path, names, _ident in tasks:
             try:
                 y, sr = read_audio(path)
                 seconds += len(y) / sr
@@ -79,9 +80,10 @@ def _process_clips(split: str, tasks, stores: dict[str, FeatureStore], audio_cfg
                     arrays[name].pop(fname, None)
                     rejected[name][fname] = {"reason": exc.reason, "detail": exc.detail}
                 bad.append((split, fname, exc.reason, exc.detail))
+    ids = {fname: ident for fname, _path, _names, ident in tasks}
     for name, store in stores.items():
         if arrays[name] or rejected[name]:
-            store.write_shard(split, arrays[name], rejected[name])
+            store.write_shard(split, arrays[name], rejected[name], ids)
     return seconds, len(tasks), bad, time.perf_counter() - start
 
 
@@ -94,9 +96,12 @@ def compute_missing(dataset: Dataset, stores: dict[str, FeatureStore], audio_cfg
     for split, fnames in (("train", dataset.train["fname"].tolist()), ("test", dataset.test_fnames)):
         tasks = []
         for fname in fnames:
-            missing = [n for n, s in stores.items() if not s.is_done(split, fname)]
+            path = dataset.audio_path(split, fname)
+            ident = file_identity(path)
+            # a clip whose audio file changed since it was cached is computed again
+            missing = [n for n, s in stores.items() if not s.is_done(split, fname, ident)]
             if missing:
-                tasks.append((fname, str(dataset.audio_path(split, fname)), missing))
+                tasks.append((fname, str(path), missing, ident))
         chunks += [(split, tasks[i:i + chunk_size]) for i in range(0, len(tasks), chunk_size)]
         n_tasks += len(tasks)
     total = len(dataset.train) + len(dataset.test_fnames)
@@ -118,8 +123,9 @@ def compute_missing(dataset: Dataset, stores: dict[str, FeatureStore], audio_cfg
             bar.update(n)
     stats["wall"] = time.perf_counter() - start
     for store in stores.values():
-        store.index("train", refresh=True)
-        store.index("test", refresh=True)
+        pruned = store.prune("train") + store.prune("test")
+        if pruned:
+            log.info("%s: removed %d shard(s) whose clips were all recomputed", store.name, pruned)
     stats["workers"] = n_workers
     for split, fname, reason, detail in stats["bad"]:
         log.warning("bad clip %s/%s: %s %s", split, fname, reason, detail)
@@ -138,14 +144,17 @@ def clip_table(dataset: Dataset, stores: dict[str, FeatureStore]) -> pd.DataFram
                 if bad:
                     status, error = bad["reason"], bad["detail"]
                     break
+            path = dataset.audio_path(split, fname)
             try:
-                info = sf.info(str(dataset.audio_path(split, fname)))
+                info = sf.info(str(path))
                 duration = info.frames / info.samplerate if info.samplerate else 0.0
                 channels, rate = info.channels, info.samplerate
             except Exception:
                 duration, channels, rate = float("nan"), 0, 0
+            size, mtime_ns = file_identity(path) or (-1, -1)
             rows.append({"fname": fname, "split": split, "status": status, "duration_s": round(duration, 4),
-                         "channels": channels, "sample_rate": rate, "error": error})
+                         "channels": channels, "sample_rate": rate, "error": error,
+                         "size": size, "mtime_ns": mtime_ns})
     return pd.DataFrame(rows)
 
 
@@ -160,10 +169,13 @@ def run_features(cfg: dict, data_dir, work: WorkDir, progress: bool = True) -> p
                             chunk_size=fcfg.get("chunk_size", 16), progress=progress)
     clips = clip_table(dataset, stores)
     atomic_write_csv(clips, work.clips_csv)
-    ok_train = clips[(clips.split == "train") & (clips.status == "ok")]["fname"].tolist()
+    ok_rows = clips[(clips.split == "train") & (clips.status == "ok")]
+    ok_train = ok_rows["fname"].tolist()
+    source = clips_hash(ok_rows)  # statistics are redone when the training clips or their audio change
     for store in stores.values():
-        if store.stats() is None or stats["clips"]:
-            store.compute_stats(ok_train, seed=cfg.get("seed", 0))
+        have = store.stats()
+        if have is None or have.get("source") != source:
+            store.compute_stats(ok_train, seed=cfg.get("seed", 0), source=source)
     n_bad = int((clips.status != "ok").sum())
     if stats["clips"]:
         speed = stats["seconds"] / max(stats["wall"], 1e-9)

@@ -1,9 +1,12 @@
 """Stage: the cross-validation folds every model and the stacker share.
 
-``python -m pipeline.folds`` writes ``<work>/folds.csv`` once (fname, label,
+``python -m pipeline.folds`` writes ``<work>/folds.csv`` (fname, label,
 manually_verified, fold), stratified on label x manually_verified and
 seeded. Clips that failed to decode are left out (see ``clips.csv``).
-Re-running keeps the existing file, so every model sees the same split.
+``folds.json`` records what it was made from (the usable rows with their
+labels and flags, n_folds, seed): re-running keeps the file while those are
+unchanged, so every model sees the same split, and rewrites it (saying what
+changed) when train.csv or the settings changed.
 """
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
 from pipeline.cli import run_main, start_stage, timed_stage
-from pipeline.dataset import load_dataset
-from pipeline.workdir import WorkDir, atomic_write_csv
+from pipeline.config import ConfigError
+from pipeline.dataset import DatasetError, load_dataset
+from pipeline.fingerprints import param_hash, table_hash
+from pipeline.workdir import WorkDir, atomic_write_csv, atomic_write_json, read_json
 
 log = logging.getLogger("folds")
 
@@ -45,28 +50,119 @@ def make_folds(train: pd.DataFrame, n_folds: int = 5, seed: int = 2018) -> pd.Da
     return out
 
 
+def inner_split(rows: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of a seeded, label-stratified slice of ``rows`` (fname,
+    label, verified) for early stopping inside the training folds. Taken
+    from the verified rows when there are enough of them (their labels are
+    the trustworthy ones); a class keeps at least one training clip."""
+    rng = np.random.default_rng([int(seed), 7])
+    verified = rows["verified"].to_numpy().astype(int) == 1 if "verified" in rows else np.ones(len(rows), bool)
+    n_classes = rows["label"].nunique()
+    pool = verified if verified.sum() >= max(10, 2 * n_classes) else np.ones(len(rows), bool)
+    mask = np.zeros(len(rows), dtype=bool)
+    labels = rows["label"].to_numpy()
+    for label in np.unique(labels):
+        members = np.flatnonzero(pool & (labels == label))
+        total = int((labels == label).sum())
+        take = min(int(round(fraction * len(members))), total - 1)
+        if take <= 0 and len(members) >= 3 and total >= 4:
+            take = 1
+        if take > 0:
+            mask[rng.choice(members, size=take, replace=False)] = True
+    if not mask.any():
+        raise DatasetError(f"training.early_stopping_split is inner, but {len(rows)} training clips leave none "
+                           "for the early-stopping slice: raise training.inner_fraction or use heldout")
+    return mask
+
+
 def load_folds(work: WorkDir) -> pd.DataFrame:
     work.require(work.folds_csv, "python -m pipeline.folds")
-    return pd.read_csv(work.folds_csv, dtype={"fname": str, "label": str})
+    return pd.read_csv(work.folds_csv, dtype={"fname": str, "label": str}, keep_default_na=False)
 
 
-def run_folds(cfg: dict, data_dir, work: WorkDir) -> pd.DataFrame:
-    if work.folds_csv.exists():
-        folds = load_folds(work)
-        log.info("folds.csv exists (%d clips, %d folds): reusing it", len(folds), folds["fold"].nunique())
-        return folds
-    dataset = load_dataset(data_dir)
-    work.require(work.clips_csv, "python -m pipeline.features")
-    clips = pd.read_csv(work.clips_csv, dtype={"fname": str})
+def usable_train(dataset, work: WorkDir) -> pd.DataFrame:
+    """train.csv rows whose audio decoded (clips.csv status ok)."""
+    clips = pd.read_csv(work.require(work.clips_csv, "python -m pipeline.features"), dtype={"fname": str},
+                        keep_default_na=False)
     bad = set(clips[(clips.split == "train") & (clips.status != "ok")]["fname"])
-    usable = dataset.train[~dataset.train["fname"].isin(bad)]
+    known = set(clips[clips.split == "train"]["fname"])
+    unknown = set(dataset.train["fname"]) - known
+    if unknown:
+        raise FileNotFoundError(f"{work.clips_csv} does not list {len(unknown)} clip(s) of train.csv (e.g. "
+                                f"{sorted(unknown)[0]}): the dataset changed; run `python -m pipeline.features` first")
+    usable = dataset.train[~dataset.train["fname"].isin(bad)].reset_index(drop=True)
     if bad:
         log.warning("%d training clip(s) left out of the folds (unusable audio): %s", len(bad),
                     ", ".join(sorted(bad)[:20]) + (" ..." if len(bad) > 20 else ""))
-    fcfg = cfg.get("folds", {})
-    folds = make_folds(usable, fcfg.get("n_folds", 5), cfg.get("seed", 2018))
+    return usable
+
+
+def check_fold_sizes(usable: pd.DataFrame, n_folds: int, source: str) -> None:
+    """Enough clips for ``n_folds`` folds, said before any training."""
+    if n_folds < 2:
+        raise ConfigError(f"folds.n_folds = {n_folds}: cross-validation needs at least 2 folds")
+    if len(usable) < 2 * n_folds:
+        raise DatasetError(f"{source}: {len(usable)} usable training clip(s) cannot make {n_folds} folds "
+                           f"(at least {2 * n_folds} needed); add clips or lower folds.n_folds")
+    counts = usable["label"].value_counts()
+    thin = counts[counts < n_folds]
+    if len(thin):
+        log.warning("%d class(es) have fewer clips than folds (%s): some folds will not see them in "
+                    "training", len(thin), ", ".join(f"{c} {n}" for c, n in thin.head(5).items()))
+
+
+def folds_fingerprint(usable: pd.DataFrame, n_folds: int, seed: int) -> str:
+    """What folds.csv is made from: the usable rows, their labels and
+    verification flags, the number of folds and the seed."""
+    return param_hash({"rows": table_hash(usable[["fname", "label", "manually_verified"]]),
+                       "n_folds": int(n_folds), "seed": int(seed)}, 16)
+
+
+def _describe_change(old: pd.DataFrame, new: pd.DataFrame) -> str:
+    o, n = old.set_index("fname"), new.set_index("fname")
+    added, removed = len(n.index.difference(o.index)), len(o.index.difference(n.index))
+    common = n.index.intersection(o.index)
+    relabelled = int((o.loc[common, "label"].astype(str) != n.loc[common, "label"].astype(str)).sum())
+    flags = int((o.loc[common, "manually_verified"].astype(int)
+                 != n.loc[common, "manually_verified"].astype(int)).sum())
+    parts = [f"{v} {k}" for k, v in (("added", added), ("removed", removed), ("relabelled", relabelled),
+                                     ("with another manually_verified", flags)) if v]
+    return ", ".join(parts) if parts else "same rows; other settings (folds.n_folds or seed)"
+
+
+def run_folds(cfg: dict, data_dir, work: WorkDir) -> pd.DataFrame:
+    """Write folds.csv, or keep it when it was made from the same rows and settings."""
+    dataset = load_dataset(data_dir)
+    usable = usable_train(dataset, work)
+    n_folds = int((cfg.get("folds") or {}).get("n_folds", 5))
+    seed = int(cfg.get("seed", 2018))
+    check_fold_sizes(usable, n_folds, str(work.clips_csv))
+    fp = folds_fingerprint(usable, n_folds, seed)
+    meta = read_json(work.folds_json) or {}
+    if work.folds_csv.exists() and meta.get("fingerprint") == fp:
+        folds = load_folds(work)
+        log.info("folds.csv is up to date (%d clips, %d folds)", len(folds), folds["fold"].nunique())
+        return folds
+    folds = make_folds(usable, n_folds, seed)
+    if work.folds_csv.exists():
+        log.info("folds.csv was made from other rows or settings (%s): rewriting it",
+                 _describe_change(load_folds(work), folds))
     atomic_write_csv(folds, work.folds_csv)
+    atomic_write_json({"fingerprint": fp, "n_folds": n_folds, "seed": seed, "clips": len(folds)}, work.folds_json)
     log.info("wrote %s: %d clips in %d folds", work.folds_csv, len(folds), folds["fold"].nunique())
+    return folds
+
+
+def current_folds(cfg: dict, dataset, work: WorkDir) -> pd.DataFrame:
+    """folds.csv, refused when it no longer matches train.csv, clips.csv or
+    the fold settings (a stage run alone after the dataset changed)."""
+    folds = load_folds(work)
+    usable = usable_train(dataset, work)
+    fp = folds_fingerprint(usable, int((cfg.get("folds") or {}).get("n_folds", 5)), int(cfg.get("seed", 2018)))
+    if (read_json(work.folds_json) or {}).get("fingerprint") != fp:
+        raise FileNotFoundError(f"{work.folds_csv} was made from other training rows or fold settings "
+                                f"({_describe_change(folds, usable)}): run `python -m pipeline.folds` first "
+                                "(./run_all.sh runs every stage in order)")
     return folds
 
 

@@ -9,11 +9,13 @@ epsilons are used instead.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.workdir import WorkDir
+from pipeline.fingerprints import table_hash  # noqa: F401  (re-exported for older callers)
+from pipeline.workdir import WorkDir, atomic_write_csv, atomic_write_json, read_json
 
 log = logging.getLogger("labels")
 
@@ -31,6 +33,10 @@ def training_labels(cfg: dict, work: WorkDir, folds: pd.DataFrame, train_cfg: di
         if not work.labels_csv.exists():
             raise FileNotFoundError(f"{work.labels_csv} is missing: the preset trains on pseudo-labels, "
                                     "run `python -m pipeline.pseudo_label` first")
+        made_from = (read_json(labels_json(work)) or {}).get("folds")
+        if made_from != table_hash(folds):
+            raise FileNotFoundError(f"{work.labels_csv} was made for another folds.csv (the training rows or "
+                                    "their labels changed): run `python -m pipeline.pseudo_label` first")
         pseudo = pd.read_csv(work.labels_csv, dtype=str, keep_default_na=False)
         need = ["fname", "label", "status", "epsilon"]
         absent = [c for c in need if c not in pseudo.columns]
@@ -55,6 +61,9 @@ def training_labels(cfg: dict, work: WorkDir, folds: pd.DataFrame, train_cfg: di
         missing = set(table["fname"]) - set(pseudo["fname"])
         if missing:
             raise ValueError(f"{work.labels_csv} lacks {len(missing)} clip(s) of folds.csv, e.g. {sorted(missing)[:3]}")
+        extra = set(pseudo["fname"]) - set(table["fname"])
+        if extra:
+            raise ValueError(f"{work.labels_csv} has {len(extra)} clip(s) not in folds.csv, e.g. {sorted(extra)[:3]}")
         pseudo = pseudo.set_index("fname").loc[table["fname"]]
         table["label"] = pseudo["label"].to_numpy()
         table["epsilon"] = pseudo["epsilon"].astype(float).to_numpy()
@@ -65,5 +74,13 @@ def training_labels(cfg: dict, work: WorkDir, folds: pd.DataFrame, train_cfg: di
     return table[["fname", "label", "epsilon", "verified"]].reset_index(drop=True)
 
 
-def table_hash(df: pd.DataFrame) -> str:
-    return format(int(pd.util.hash_pandas_object(df, index=False).sum()) & 0xFFFFFFFFFFFF, "x")
+def labels_json(work: WorkDir) -> Path:
+    """Which folds.csv labels.csv was made for."""
+    return work.root / "labels.json"
+
+
+def write_labels_table(work: WorkDir, table: pd.DataFrame, folds: pd.DataFrame) -> None:
+    """labels.csv plus the fingerprint of the folds.csv it belongs to, so a
+    later stage never trains on labels made for another dataset."""
+    atomic_write_csv(table, work.labels_csv)
+    atomic_write_json({"folds": table_hash(folds)}, labels_json(work))

@@ -77,6 +77,7 @@ import pandas as pd
 
 from pipeline.cli import run_main, start_stage, timed_stage
 from pipeline.config import ConfigError, model_config, param_hash
+from pipeline.labels import write_labels_table
 from pipeline.metrics import map_at_3
 from pipeline.predictions import geometric_mean, probs_frame, read_table, write_table
 from pipeline.workdir import WorkDir, atomic_write_bytes, atomic_write_csv, atomic_write_json, read_json
@@ -471,15 +472,17 @@ class FoldVerifiers:
     by geometric mean.
     """
 
-    def __init__(self, cfg: dict, work: WorkDir, s: dict, classes: list[str], progress: bool = True):
+    def __init__(self, cfg: dict, work: WorkDir, s: dict, classes: list[str], progress: bool = True,
+                 data_hash: str = ""):
         self._model_caches: dict[str, dict] = {}  # verifier -> compiled model reused across folds
         self.cfg, self.work, self.s, self.classes, self.progress = cfg, work, s, list(classes), progress
         self.seed = int(cfg.get("seed", 2018))
         self.specs = {v: verifier_spec(cfg, v) for v in s["verifiers"]}
         self.stores = {v: feature_source(cfg, work, spec) for v, spec in self.specs.items()}
         self.want_crops = s["mode"] == "self_verify"
+        self.data_hash = data_hash
         self.fingerprint = param_hash({"specs": self.specs, "stores": {v: st.key for v, st in self.stores.items()},
-                                       "seed": self.seed, "crops": int(s["crops"]) if self.want_crops else None}, 16)
+                                       "seed": self.seed, "data": data_hash, "crops": int(s["crops"]) if self.want_crops else None}, 16)
 
     def __call__(self, iteration: int, train_df: pd.DataFrame, pool_df: pd.DataFrame, iter_dir: Path):
         cidx = {c: i for i, c in enumerate(self.classes)}
@@ -502,7 +505,7 @@ class FoldVerifiers:
                                      f"{len(tr)} row(s) outside the fold and {len(val)} inside it; every fold "
                                      "needs verified rows (too few folds or verified clips?)")
                 fold_dir = iter_dir / v / f"fold{k}"
-                fp = fold_fingerprint(spec, store.key, train_hash, pool_hash, self.seed)
+                fp = fold_fingerprint(spec, store.key, train_hash, pool_hash, self.seed, self.data_hash)
                 summary = read_json(fold_dir / "summary.json")
                 done = (summary and summary.get("fingerprint") == fp and (fold_dir / "pred.csv").exists()
                         and (not self.want_crops or (fold_dir / "crops.npy").exists()))
@@ -550,7 +553,7 @@ def _eps_defaults(cfg: dict) -> tuple[float, float]:
 
 def pseudo_label_stage(cfg: dict, work: WorkDir, folds: pd.DataFrame, classes: list[str],
                        clean: pd.DataFrame | None = None, progress: bool = True,
-                       runner: Callable | None = None) -> dict:
+                       runner: Callable | None = None, data_hash: str = "") -> dict:
     """Everything after loading: decide the mode, run it, write labels.csv and the reports."""
     s = settings(cfg)
     source = (cfg.get("labels") or {}).get("source", "given")
@@ -565,7 +568,7 @@ def pseudo_label_stage(cfg: dict, work: WorkDir, folds: pd.DataFrame, classes: l
     if reason:
         msg = f"pseudo-labelling skipped: {reason}"
         if source == "pseudo":
-            atomic_write_csv(given_labels_table(folds, eps_v, eps_u), work.labels_csv)
+            write_labels_table(work, given_labels_table(folds, eps_v, eps_u), folds)
             msg += f"; labels.source is pseudo, so {work.labels_csv} = the given labels (smoothing {eps_v}/{eps_u})"
         log.info(msg)
         print(msg)
@@ -575,7 +578,7 @@ def pseudo_label_stage(cfg: dict, work: WorkDir, folds: pd.DataFrame, classes: l
     summary = {"mode": s["mode"], "rows": len(folds), "nonverified": n_nonver}
     if s["mode"] in ("smoothing", "loss_masking"):
         table = given_labels_table(folds, eps_v, eps_u)
-        atomic_write_csv(table, work.labels_csv)
+        write_labels_table(work, table, folds)
         for stale in ("iterations.csv", "quality.json"):  # a previous loop's reports would no longer apply
             (out / stale).unlink(missing_ok=True)
         msg = (f"pseudo-labelling mode {s['mode']}: no verification; {work.labels_csv} = the given labels with "
@@ -592,12 +595,12 @@ def pseudo_label_stage(cfg: dict, work: WorkDir, folds: pd.DataFrame, classes: l
         atomic_write_json(summary, out / "summary.json")
         return summary
 
-    runner = runner or FoldVerifiers(cfg, work, s, classes, progress)
+    runner = runner or FoldVerifiers(cfg, work, s, classes, progress, data_hash)
     result = verification_loop(folds, classes, s, runner, out)
     low, high = (float(v) for v in s["unresolved_epsilon"])
     eps = assign_epsilon(result.status, eps_v, low, high, int(cfg.get("seed", 2018)))
     table = labels_table(folds, classes, result.final_labels, result.status, eps)
-    atomic_write_csv(table, work.labels_csv)
+    write_labels_table(work, table, folds)
     atomic_write_csv(result.table, out / "iterations.csv")
     counts = pd.Series(table["status"]).map(lambda st: st.split("@")[0]).value_counts().to_dict()
     summary.update(final_iteration=result.final_iteration, relabelled=result.relabelled,
@@ -625,12 +628,15 @@ def pseudo_label_stage(cfg: dict, work: WorkDir, folds: pd.DataFrame, classes: l
 
 def run_pseudo_label(cfg: dict, data_dir, work: WorkDir, progress: bool = True) -> dict:
     from pipeline.dataset import load_dataset
-    from pipeline.folds import load_folds
+    from pipeline.fingerprints import data_hash
+    from pipeline.folds import current_folds
     dataset = load_dataset(data_dir)
-    folds = load_folds(work)
+    folds = current_folds(cfg, dataset, work)
     clean_path = Path(data_dir) / "train_clean_labels.csv"
     clean = pd.read_csv(clean_path, dtype={"fname": str, "label": str}) if clean_path.exists() else None
-    return pseudo_label_stage(cfg, work, folds, dataset.classes, clean, progress)
+    clips = pd.read_csv(work.clips_csv, dtype={"fname": str}, keep_default_na=False)
+    return pseudo_label_stage(cfg, work, folds, dataset.classes, clean, progress,
+                              data_hash=data_hash(clips, dataset.classes, []))
 
 
 def main(argv=None):

@@ -356,8 +356,13 @@ def build_compiled(spec: dict, input_shape: tuple, n_classes: int):
 def train_fold(spec: dict, store, rows: TrainRows, val_fnames: list[str], val_labels: np.ndarray,
                test_fnames: list[str], n_classes: int, out_dir: Path, seed: int, fold: int,
                fingerprint: str, progress: bool = True, val_split: str = "train",
-               test_split: str = "test", model_cache: dict | None = None) -> FoldResult:
-    """Train (or resume) one fold and predict its held-out and test clips."""
+               test_split: str = "test", model_cache: dict | None = None,
+               heldout_fnames: list[str] | None = None) -> FoldResult:
+    """Train (or resume) one fold and predict its held-out and test clips.
+
+    ``val_fnames``/``val_labels`` decide early stopping and the best epoch;
+    the out-of-fold predictions are of ``heldout_fnames`` (default: the
+    validation clips themselves, the papers' way)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tcfg = spec["train"]
@@ -396,13 +401,21 @@ def train_fold(spec: dict, store, rows: TrainRows, val_fnames: list[str], val_la
         best.save(out_dir / "best.keras")  # the kept model, in Keras' format
     else:  # finished in an earlier run: the .keras file is already there
         best = load_saved_model(out_dir / "best.keras")
-    oof = predict_clips(best, store, val_split, val_fnames, window, hop, normalizer, eval_bs)
+    if heldout_fnames is None or list(heldout_fnames) == list(val_fnames):
+        oof = predict_clips(best, store, val_split, val_fnames, window, hop, normalizer, eval_bs)
+        val_probs = oof
+    else:
+        oof = predict_clips(best, store, val_split, list(heldout_fnames), window, hop, normalizer, eval_bs)
+        val_probs = predict_clips(best, store, val_split, val_fnames, window, hop, normalizer, eval_bs)
     test = (predict_clips(best, store, test_split, test_fnames, window, hop, normalizer, eval_bs)
             if test_fnames else None)
     summary = {
         "fold": fold, "fingerprint": fingerprint, "best_epoch": state["best_epoch"] + 1,
-        "epochs_run": state["epoch"] + 1, "val_map3": map_at_3(val_labels, oof),
-        "val_accuracy": accuracy(val_labels, oof), "train_clips": len(rows.fnames),
+        "epochs_run": state["epoch"] + 1, "val_map3": map_at_3(val_labels, val_probs),
+        "val_accuracy": accuracy(val_labels, val_probs), "train_clips": len(rows.fnames),
+        "early_stopping_clips": len(val_fnames),
+        "early_stopping_split": "heldout" if heldout_fnames is None or list(heldout_fnames) == list(val_fnames)
+        else "inner",
         "train_seconds": round(state["train_seconds"], 2),
         "samples_per_second": round(state["train_samples"] / max(state["train_seconds"], 1e-9), 1),
         "params": int(best.count_params()), "input_shape": list(input_shape),
@@ -414,7 +427,11 @@ def train_fold(spec: dict, store, rows: TrainRows, val_fnames: list[str], val_la
     return FoldResult(oof=oof, test=test, summary=summary)
 
 
-def fold_fingerprint(spec: dict, store_key: str, labels_hash: str, folds_hash: str, seed: int) -> str:
-    """Everything a fold's result depends on; a change retrains the fold."""
+def fold_fingerprint(spec: dict, store_key: str, labels_hash: str, folds_hash: str, seed: int,
+                     data_hash: str = "") -> str:
+    """Everything a fold's result depends on; a change retrains the fold:
+    the model's settings, the feature cache's key, the training labels and
+    smoothing, folds.csv, the seed, the backend, and ``data_hash`` (the
+    clips' audio identity, the class list and the test clips in order)."""
     return param_hash({"spec": spec, "feature": store_key, "labels": labels_hash, "folds": folds_hash,
-                       "seed": seed, "backend": keras.backend.backend()}, 16)
+                       "seed": seed, "data": data_hash, "backend": keras.backend.backend()}, 16)

@@ -22,6 +22,7 @@ import pipeline.train
 import pipeline.trainer
 from pipeline import embeddings
 from pipeline.config import load_config, model_config
+from pipeline.dataset import load_dataset
 from pipeline.embeddings import (EmbeddingStore, clip_patches, compute_embeddings, embed_arrays, embedding_store,
                                  load_extractor, open_embedding_store)
 from pipeline.features import run_features
@@ -160,7 +161,7 @@ def test_key_follows_the_source_fingerprints(run, caplog):
     try:
         atomic_write_json({**summary, "fingerprint": "0123456789abcdef"}, path)
         with caplog.at_level("WARNING", logger="embeddings"):
-            other = open_embedding_store(run.cfg, run.work, "vggish")
+            other = open_embedding_store(run.cfg, run.work, "vggish", dataset=load_dataset(run.ds.root))
         assert other.key != run.store.key
         assert "trained with other settings" in caplog.text
     finally:

@@ -102,22 +102,62 @@ def test_run_folds_writes_once_and_leaves_out_bad_clips(featured):
     assert all(labels[f] == (l, v) for f, l, v in zip(on_disk.fname, on_disk.label, on_disk.manually_verified))
 
 
-def test_run_folds_reuses_existing_file(featured):
+def test_run_folds_reuses_file_made_from_the_same_inputs(featured):
     ds, work, cfg = featured
     run_folds(cfg, ds.root, work)
     content = work.folds_csv.read_bytes()
     old = time.time() - 100
     os.utime(work.folds_csv, (old, old))
     mtime = work.folds_csv.stat().st_mtime_ns
-    cfg2 = {**cfg, "seed": cfg["seed"] + 1, "folds": {"n_folds": 4}}
-    again = run_folds(cfg2, ds.root, work)
+    again = run_folds(cfg, ds.root, work)
     assert work.folds_csv.stat().st_mtime_ns == mtime
     assert work.folds_csv.read_bytes() == content
     assert again["fold"].nunique() == cfg["folds"]["n_folds"]
-    # while a different seed on a fresh work dir would give other folds
-    fresh = make_folds(pd.DataFrame(ds.train).query("fname in @ds.usable_train"), cfg["folds"]["n_folds"],
-                       cfg["seed"] + 1)
-    assert (fresh["fold"].to_numpy() != again["fold"].to_numpy()).any()
+
+
+@pytest.mark.parametrize("change", [{"seed": 7}, {"folds": {"n_folds": 4}}])
+def test_run_folds_rewrites_when_the_settings_change(featured, change):
+    """Issue 9: --set folds.n_folds=3 or --set seed=7 on an existing work dir kept the old folds."""
+    ds, work, cfg = featured
+    run_folds(cfg, ds.root, work)
+    cfg2 = {**cfg, **change}
+    again = run_folds(cfg2, ds.root, work)
+    fresh = make_folds(pd.DataFrame(ds.train).query("fname in @ds.usable_train"),
+                       cfg2["folds"]["n_folds"], cfg2["seed"])
+    np.testing.assert_array_equal(again["fold"].to_numpy(), fresh["fold"].to_numpy())
+    pd.testing.assert_frame_equal(load_folds(work), again)
+
+
+def test_run_folds_rewrites_when_labels_change(featured, tmp_path):
+    """Issue 9: changed labels in train.csv were ignored (labels came from the old folds.csv)."""
+    ds, work, cfg = featured
+    run_folds(cfg, ds.root, work)
+    train = pd.read_csv(ds.root / "train.csv", dtype=str)
+    usable = train[train.fname.isin(ds.usable_train)].index[:3]
+    new_label = ds.classes[0]
+    train.loc[usable, "label"] = [c for c in ds.classes if c != new_label][0]
+    train.to_csv(ds.root / "train.csv", index=False)
+    again = run_folds(cfg, ds.root, work)
+    merged = again.set_index("fname").loc[train.loc[usable, "fname"], "label"]
+    assert (merged == train.loc[usable, "label"].to_numpy()).all()
+
+
+def test_current_folds_refuses_stale_folds(featured):
+    ds, work, cfg = featured
+    run_folds(cfg, ds.root, work)
+    from pipeline.dataset import load_dataset
+    from pipeline.folds import current_folds
+    dataset = load_dataset(ds.root)
+    current_folds(cfg, dataset, work)  # fine
+    with pytest.raises(FileNotFoundError, match="pipeline.folds"):
+        current_folds({**cfg, "seed": 99}, dataset, work)
+
+
+def test_too_few_clips_for_the_folds_is_one_clear_error(featured):
+    from pipeline.dataset import DatasetError
+    ds, work, cfg = featured
+    with pytest.raises(DatasetError, match="cannot make 20 folds"):
+        run_folds({**cfg, "folds": {"n_folds": 20}}, ds.root, work)
 
 
 def test_run_folds_needs_clips_csv(tiny_dataset, tmp_path):

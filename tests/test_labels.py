@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.labels import table_hash, training_labels
-from pipeline.workdir import WorkDir
+from pipeline.labels import labels_json, table_hash, training_labels
+from pipeline.workdir import WorkDir, atomic_write_json
 
 FOLDS = pd.DataFrame({
     "fname": ["a.wav", "b.wav", "c.wav", "d.wav"],
@@ -49,8 +49,10 @@ def test_unknown_source(work):
 PSEUDO = {"labels": {"source": "pseudo"}, "training": TRAINING}
 
 
-def _write_labels(work, text):
+def _write_labels(work, text, folds=FOLDS):
+    """labels.csv as the pseudo-label stage writes it, made for ``folds``."""
     work.labels_csv.write_text(text)
+    atomic_write_json({"folds": table_hash(folds)}, labels_json(work))
 
 
 def test_pseudo_labels_read_from_labels_csv(work):
@@ -107,3 +109,21 @@ def test_table_hash_tracks_content(work):
     t2 = t.copy()
     t2.loc[1, "epsilon"] = 0.2
     assert table_hash(t2) != table_hash(t)
+
+
+def test_pseudo_labels_made_for_other_folds_are_refused(work):
+    """Issue 9: labels.csv made before train.csv changed must not train the final models."""
+    text = ("fname,label,status,epsilon\na.wav,Bark,accepted,0.05\nb.wav,Cello,accepted,0.3\n"
+            "c.wav,Bark,accepted,0.3\nd.wav,Drum,accepted,0.05\n")
+    old = FOLDS.assign(label=["Bark", "Cello", "Drum", "Drum"])  # c.wav relabelled in train.csv since
+    _write_labels(work, text, folds=old)
+    with pytest.raises(FileNotFoundError, match="pipeline.pseudo_label"):
+        training_labels(PSEUDO, work, FOLDS)
+
+
+def test_pseudo_labels_with_extra_rows_are_refused(work):
+    text = ("fname,label,status,epsilon\na.wav,Bark,accepted,0.05\nb.wav,Cello,accepted,0.3\n"
+            "c.wav,Bark,accepted,0.3\nd.wav,Drum,accepted,0.05\ne.wav,Drum,accepted,0.05\n")
+    _write_labels(work, text)
+    with pytest.raises(ValueError, match="1 clip"):
+        training_labels(PSEUDO, work, FOLDS)

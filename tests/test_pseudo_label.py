@@ -411,7 +411,7 @@ def test_labels_table_round_trip(tmp_path):
     status = ["verified", "accepted@0", "relabelled@1", "unresolved"]
     eps = pl.assign_epsilon(status, 0.05, seed=1)
     table = pl.labels_table(folds, classes, np.array([0, 1, 2, 2]), status, eps)
-    pl.atomic_write_csv(table, work.labels_csv)
+    pl.write_labels_table(work, table, folds)
     cfg = {"labels": {"source": "pseudo"}, "training": {"smoothing_verified": 0.05}}
     back = training_labels(cfg, work, folds)
     assert back["label"].tolist() == ["x", "y", "z", "z"]
