@@ -97,7 +97,7 @@ if ! flock -n 9; then
   exit 2
 fi
 export AT_WORK_LOCK="$(cd "$WORK" && pwd -P)"
-export AT_RUN_ID="${AT_RUN_ID:-$(date +%Y%m%d-%H%M%S)-$$}"
+export AT_RUN_ID="$(date +%Y%m%d-%H%M%S)-$$"
 printf '{"pid": %d, "host": "%s", "what": "run_all.sh", "since": "%s"}\n' "$$" "$(hostname)" \
   "$(date '+%Y-%m-%d %H:%M:%S')" > "$WORK/.lock.json"
 

@@ -46,11 +46,14 @@ def resolve_data_dir(data: str | None) -> Path:
 def run_id() -> str:
     """The current run's name: ``run_all.sh`` gives all its stages one
     (``AT_RUN_ID``); a stage run alone gets its own."""
-    rid = os.environ.get("AT_RUN_ID")
+    global _RUN_ID
+    rid = os.environ.get("AT_RUN_ID") or _RUN_ID
     if not rid:
-        rid = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
-        os.environ["AT_RUN_ID"] = rid
+        rid = _RUN_ID = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     return rid
+
+
+_RUN_ID = ""
 
 
 def run_log_dir(work: WorkDir) -> Path:

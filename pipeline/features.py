@@ -33,8 +33,9 @@ log = logging.getLogger("features")
 
 
 def needed_features(cfg: dict) -> list[str]:
-    """Features used by the listed models (following ``embeddings_from`` to the
-    source model), the pseudo-label verifiers and the stacker."""
+    """Features used by the listed models (``feature:`` and every name in
+    ``features: [...]``, following ``embeddings_from`` to the source model),
+    the pseudo-label verifiers and the stacker."""
     from pipeline.pseudo_label import verifier_spec
     specs = [model_config(cfg, m) for m in cfg.get("run", {}).get("models", [])]
     pl = cfg.get("pseudo_label", {})
@@ -44,9 +45,10 @@ def needed_features(cfg: dict) -> list[str]:
     for spec in specs:
         if spec.get("embeddings_from"):  # a model on embeddings needs its source model's feature
             spec = model_config(cfg, spec["embeddings_from"])
-        feat = spec.get("feature")
-        if feat in cfg.get("features", {}) and feat not in names:
-            names.append(feat)
+        many = spec.get("features") or []  # handcrafted models read several: features: [mfcc, logmel]
+        for feat in [spec.get("feature")] + ([many] if isinstance(many, str) else list(many)):
+            if feat in cfg.get("features", {}) and feat not in names:
+                names.append(feat)
     mfcc = cfg.get("stacking", {}).get("mfcc_feature")
     if mfcc and mfcc in cfg.get("features", {}) and mfcc not in names:
         names.append(mfcc)

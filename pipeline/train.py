@@ -17,29 +17,68 @@ from pipeline.cache import feature_stores
 from pipeline.cli import run_main, start_stage, timed_stage
 from pipeline.config import model_config
 from pipeline.dataset import load_dataset
-from pipeline.folds import load_folds
-from pipeline.labels import table_hash, training_labels
+from pipeline.fingerprints import data_hash, param_hash, table_hash
+from pipeline.handcrafted import handcrafted_features, is_handcrafted, train_handcrafted_fold
+from pipeline.folds import current_folds, inner_split
+from pipeline.labels import training_labels
 from pipeline.metrics import accuracy, map_at_3
 from pipeline.predictions import geometric_mean, probs_frame, read_table, write_table
 from pipeline.trainer import TrainRows, fold_fingerprint, train_fold
-from pipeline.workdir import WorkDir, atomic_write_json, read_json
+from pipeline.workdir import WorkDir, atomic_write_json, read_json, remove_outputs
 
 log = logging.getLogger("train")
 
 
-def feature_source(cfg: dict, work: WorkDir, spec: dict):
+def feature_source(cfg: dict, work: WorkDir, spec: dict, dataset=None):
     """The array store a model reads: a cached feature, or (for models on
     embeddings) the store the embeddings stage wrote."""
     if spec.get("embeddings_from"):
         from pipeline.embeddings import embedding_store
-        return embedding_store(cfg, work, spec["embeddings_from"])
+        return embedding_store(cfg, work, spec["embeddings_from"], dataset=dataset)
     return feature_stores(work, cfg, [spec["feature"]])[spec["feature"]]
 
 
 def usable_test_fnames(work: WorkDir, test_fnames: list[str]) -> tuple[list[str], list[str]]:
-    clips = pd.read_csv(work.require(work.clips_csv, "python -m pipeline.features"), dtype={"fname": str})
+    """(test clips with usable audio, test clips without), in test order."""
+    clips = pd.read_csv(work.require(work.clips_csv, "python -m pipeline.features"), dtype={"fname": str},
+                        keep_default_na=False)
+    listed = set(clips[clips.split == "test"]["fname"])
+    unknown = [f for f in test_fnames if f not in listed]
+    if unknown:
+        raise FileNotFoundError(f"{work.clips_csv} does not list {len(unknown)} test clip(s) (e.g. {unknown[0]}): "
+                                "the test set changed; run `python -m pipeline.features` first")
     bad = set(clips[(clips.split == "test") & (clips.status != "ok")]["fname"])
     return [f for f in test_fnames if f not in bad], [f for f in test_fnames if f in bad]
+
+
+def data_fingerprint(work: WorkDir, dataset, good_test: list[str]) -> str:
+    """See :func:`pipeline.fingerprints.data_hash`."""
+    clips = pd.read_csv(work.clips_csv, dtype={"fname": str}, keep_default_na=False)
+    return data_hash(clips, dataset.classes, good_test)
+
+
+def _stale_model_outputs(work: WorkDir, model: str, n_folds: int) -> list:
+    """The model's tables and summary, plus folders of folds that no longer exist."""
+    extra = [d for d in work.model_dir(model).glob("fold*")
+             if d.is_dir() and d.name[4:].isdigit() and int(d.name[4:]) >= n_folds]
+    return [work.oof_csv(model), work.test_csv(model), work.model_dir(model) / "summary.json"] + extra
+
+
+def early_stopping_rows(labels: pd.DataFrame, folds: pd.DataFrame, fold: int, cidx: dict, tcfg: dict, seed: int):
+    """(training rows, early-stopping fnames, early-stopping labels) of one fold.
+
+    ``heldout`` (the papers' way): train on the other folds, stop on the
+    held-out fold's given labels -- whose OOF predictions are then scored
+    and stacked, so OOF scores lean optimistic. ``inner``: a seeded,
+    stratified slice of the training folds decides early stopping and the
+    held-out fold is only predicted."""
+    train_mask = (folds["fold"] != fold).to_numpy()
+    if tcfg.get("early_stopping_split", "heldout") == "inner":
+        tr = labels[train_mask].reset_index(drop=True)
+        inner = inner_split(tr, float(tcfg.get("inner_fraction", 0.15)), seed * 1000 + fold)
+        return tr[~inner], tr.loc[inner, "fname"].tolist(), tr.loc[inner, "label"].map(cidx).to_numpy()
+    held = ~train_mask
+    return labels[train_mask], folds.loc[held, "fname"].tolist(), folds.loc[held, "label"].map(cidx).to_numpy()
 
 
 def train_model(cfg: dict, data_dir, work: WorkDir, model: str, progress: bool = True) -> dict:
@@ -48,56 +87,113 @@ def train_model(cfg: dict, data_dir, work: WorkDir, model: str, progress: bool =
     dataset = load_dataset(data_dir)
     classes = dataset.classes
     cidx = dataset.class_index
-    folds = load_folds(work)
-    store = feature_source(cfg, work, spec)
+    folds = current_folds(cfg, dataset, work)
+    handcrafted = is_handcrafted(spec)
+    if handcrafted:  # statistics of cached features into scikit-learn / LightGBM: no Keras, no windows
+        stores = feature_stores(work, cfg, handcrafted_features(spec))
+        store_key = param_hash({n: st.key for n, st in stores.items()}, 16)
+    else:
+        store = feature_source(cfg, work, spec, dataset)
+        store_key = store.key
     labels = training_labels(cfg, work, folds, spec["train"])
     good_test, bad_test = usable_test_fnames(work, dataset.test_fnames)
     seed = int(cfg.get("seed", 2018))
-    fp = fold_fingerprint(spec, store.key, table_hash(labels), table_hash(folds), seed)
-    y_given = folds["label"].map(cidx).to_numpy()
+    fp = fold_fingerprint(spec, store_key, table_hash(labels), table_hash(folds), seed,
+                          data_fingerprint(work, dataset, good_test))
     n_folds = int(folds["fold"].max()) + 1
+    model_fp = param_hash({"folds": fp, "n_folds": n_folds, "test": list(dataset.test_fnames),
+                           "prior": list(np.round(dataset.class_prior(), 12)),
+                           "truth": None if dataset.test_labels is None else table_hash(dataset.test_labels)}, 16)
+    summary_path = work.model_dir(model) / "summary.json"
+    done = read_json(summary_path) or {}
+    if (done.get("fingerprint") == model_fp and work.oof_csv(model).exists() and work.test_csv(model).exists()):
+        log.info("%s: up to date (%d folds), skipping", model, n_folds)
+        return done
+    remove_outputs(_stale_model_outputs(work, model, n_folds) + work.final_outputs(),
+                   f"{model} is retrained or reassembled", log)
+    tcfg = spec["train"]
     start = time.time()
     model_cache: dict = {}  # the compiled model is reused across folds (see trainer.fresh_model)
     for k in range(n_folds):
         fold_dir = work.fold_dir(model, k)
         summary = read_json(fold_dir / "summary.json")
         if summary and summary.get("fingerprint") == fp and (fold_dir / "oof.csv").exists():
-            log.info("%s fold %d: done (val MAP@3 %.4f), skipping", model, k, summary["val_map3"])
+            log.info("%s fold %d (of folds 0-%d): done (val MAP@3 %.4f), skipping", model, k, n_folds - 1,
+                     summary["val_map3"])
             continue
-        tr = labels[folds["fold"] != k]
+        held = folds["fold"] == k
+        if handcrafted:
+            tr = labels[~held.to_numpy()]
+            rows = TrainRows(fnames=tr["fname"].tolist(), labels=tr["label"].map(cidx).to_numpy(),
+                             epsilon=tr["epsilon"].to_numpy(dtype=np.float32), verified=tr["verified"].to_numpy())
+            log.info("%s fold %d (of folds 0-%d): fitting on %d clips, predicting %d held-out", model, k, n_folds - 1,
+                     len(rows.fnames), int(held.sum()))
+            result = train_handcrafted_fold(spec, stores, rows, folds.loc[held, "fname"].tolist(),
+                                            folds.loc[held, "label"].map(cidx).to_numpy(), good_test,
+                                            len(classes), fold_dir, seed, k, fingerprint=fp)
+            _write_fold(fold_dir, folds.loc[held, "fname"], k, result, good_test, classes)
+            continue
+        tr, stop_fnames, stop_labels = early_stopping_rows(labels, folds, k, cidx, tcfg, seed)
         train_split = store.train_split(k)  # per-fold for embeddings, "train" otherwise
         rows = TrainRows(fnames=tr["fname"].tolist(), labels=tr["label"].map(cidx).to_numpy(),
                          epsilon=tr["epsilon"].to_numpy(dtype=np.float32), verified=tr["verified"].to_numpy(),
                          split=train_split)
-        held = folds["fold"] == k
-        log.info("%s fold %d/%d: training on %d clips, validating on %d", model, k + 1, n_folds,
-                 len(rows.fnames), int(held.sum()))
-        # Early stopping watches the held-out clips' given labels, as the papers did.
-        result = train_fold(spec, store, rows, folds.loc[held, "fname"].tolist(), y_given[held.to_numpy()],
-                            good_test, len(classes), fold_dir, seed, k, fp, progress=progress,
-                            val_split=train_split, test_split=store.test_split(k),
-                            model_cache=model_cache)
-        write_table(probs_frame(folds.loc[held, "fname"], result.oof, classes, [k] * int(held.sum())),
-                    fold_dir / "oof.csv")
-        write_table(probs_frame(good_test, result.test if result.test is not None
-                                else np.zeros((0, len(classes))), classes), fold_dir / "test.csv")
-        atomic_write_json(result.summary, fold_dir / "summary.json")
-    return assemble_predictions(work, model, folds, dataset, bad_test, n_folds, time.time() - start)
+        log.info("%s fold %d (of folds 0-%d): training on %d clips, early stopping on %d (%s), predicting %d "
+                 "held-out", model, k, n_folds - 1, len(rows.fnames), len(stop_fnames),
+                 tcfg.get("early_stopping_split", "heldout"), int(held.sum()))
+        result = train_fold(spec, store, rows, stop_fnames, stop_labels, good_test, len(classes), fold_dir,
+                            seed, k, fp, progress=progress, val_split=train_split,
+                            test_split=store.test_split(k), model_cache=model_cache,
+                            heldout_fnames=folds.loc[held, "fname"].tolist())
+        _write_fold(fold_dir, folds.loc[held, "fname"], k, result, good_test, classes)
+    return assemble_predictions(work, model, folds, dataset, bad_test, n_folds, time.time() - start, model_fp)
+
+
+def _write_fold(fold_dir, held_fnames: pd.Series, fold: int, result, good_test: list[str], classes) -> None:
+    """A finished fold's tables; summary.json (with the fingerprint) last, so
+    a fold counts as done only once its tables exist."""
+    write_table(probs_frame(held_fnames, result.oof, classes, [fold] * len(held_fnames)), fold_dir / "oof.csv")
+    write_table(probs_frame(good_test, result.test if result.test is not None
+                            else np.zeros((0, len(classes))), classes), fold_dir / "test.csv")
+    atomic_write_json(result.summary, fold_dir / "summary.json")
+
+
+def test_scores(dataset, probs: np.ndarray) -> dict:
+    """Test MAP@3 on the labelled test clips (any subset), saying how many."""
+    truth = dataset.test_label_indices()
+    if truth is None:
+        return {}
+    labelled = truth >= 0
+    out = {"test_labelled": int(labelled.sum()), "test_clips": len(truth)}
+    if labelled.any():
+        out["test_map3"] = map_at_3(truth[labelled], probs[labelled])
+    return out
+
+
+def test_scope(result: dict) -> str:
+    """", on 1,600 of 9,400 test clips" when only part of the test set is labelled."""
+    n, total = result.get("test_labelled"), result.get("test_clips")
+    return "" if n is None or n == total else f" on {n:,} of {total:,} test clips"
 
 
 def assemble_predictions(work: WorkDir, model: str, folds: pd.DataFrame, dataset, bad_test: list[str],
-                         n_folds: int, wall: float) -> dict:
+                         n_folds: int, wall: float, fingerprint: str = "") -> dict:
     """Join the folds' tables: OOF in folds.csv order, test = geometric mean
-    over folds; unusable test clips get the training class prior."""
+    over folds; unusable test clips (and only those) get the training class prior."""
     classes = dataset.classes
     oof = pd.concat([read_table(work.fold_dir(model, k) / "oof.csv", classes) for k in range(n_folds)])
     oof = oof.set_index("fname").loc[folds["fname"]].reset_index()
     tests = [read_table(work.fold_dir(model, k) / "test.csv", classes) for k in range(n_folds)]
     test = pd.DataFrame({"fname": dataset.test_fnames})
+    good = [f for f in dataset.test_fnames if f not in set(bad_test)]
+    for k, t in enumerate(tests):
+        if t["fname"].tolist() != good:
+            raise RuntimeError(f"{work.fold_dir(model, k) / 'test.csv'} does not hold the current usable test "
+                               "clips in order: this is a bug (the fold fingerprint should have retrained it)")
     probs = np.tile(dataset.class_prior(), (len(test), 1))
-    if len(tests[0]):
+    if good:
         mean = geometric_mean([t[classes].to_numpy() for t in tests])
-        pos = pd.Series(np.arange(len(test)), index=test["fname"]).loc[tests[0]["fname"]].to_numpy()
+        pos = pd.Series(np.arange(len(test)), index=test["fname"]).loc[good].to_numpy()
         probs[pos] = mean
     write_table(oof, work.oof_csv(model))
     write_table(probs_frame(test["fname"], probs, classes), work.test_csv(model))
@@ -109,20 +205,20 @@ def assemble_predictions(work: WorkDir, model: str, folds: pd.DataFrame, dataset
     ver = folds["manually_verified"].to_numpy() == 1
     summaries = [read_json(work.fold_dir(model, k) / "summary.json") for k in range(n_folds)]
     result = {
-        "model": model, "oof_map3": map_at_3(y, p), "oof_map3_verified": map_at_3(y[ver], p[ver]),
-        "oof_accuracy": accuracy(y, p), "folds": n_folds,
+        "model": model, "fingerprint": fingerprint, "oof_map3": map_at_3(y, p),
+        "oof_map3_verified": map_at_3(y[ver], p[ver]) if ver.any() else None,
+        "oof_accuracy": accuracy(y, p), "folds": n_folds, "train_clips": len(folds),
         "train_seconds": round(sum(s["train_seconds"] for s in summaries), 1),
         "samples_per_second": round(float(np.mean([s["samples_per_second"] for s in summaries])), 1),
         "params": summaries[0]["params"], "input_shape": summaries[0]["input_shape"],
+        "early_stopping_split": summaries[0].get("early_stopping_split", "heldout"),
         "stage_seconds_this_run": round(wall, 1),
     }
-    if dataset.test_labels is not None:
-        truth = dataset.test_labels.set_index("fname").loc[test["fname"], "label"].map(dataset.class_index)
-        result["test_map3"] = map_at_3(truth.to_numpy(), probs)
+    result.update(test_scores(dataset, probs))
     atomic_write_json(result, work.model_dir(model) / "summary.json")
-    log.info("%s: OOF MAP@3 %.4f (verified rows %.4f)%s; %s params, %.0f samples/s", model, result["oof_map3"],
-             result["oof_map3_verified"],
-             f", test MAP@3 {result['test_map3']:.4f}" if "test_map3" in result else "",
+    ver_text = "" if result["oof_map3_verified"] is None else f" (verified rows {result['oof_map3_verified']:.4f})"
+    log.info("%s: OOF MAP@3 %.4f%s%s; %s params, %.0f samples/s", model, result["oof_map3"], ver_text,
+             f", test MAP@3 {result['test_map3']:.4f}{test_scope(result)}" if "test_map3" in result else "",
              f"{result['params']:,}", result["samples_per_second"])
     return result
 
