@@ -31,7 +31,8 @@ from pipeline.cli import run_main, start_stage, timed_stage
 from pipeline.dataset import Dataset, load_dataset
 from pipeline.metrics import map_at_3, map_at_k_labels, per_class_map_at_3, precision_at_rank, top_k_indices
 from pipeline.predictions import class_columns, read_table
-from pipeline.workdir import WorkDir, atomic_write_bytes, read_json
+from pipeline.fingerprints import folder_listing, param_hash
+from pipeline.workdir import WorkDir, atomic_write_bytes, atomic_write_json, read_json
 
 log = logging.getLogger("report")
 
@@ -447,7 +448,9 @@ def plot_training(model: str, history: pd.DataFrame, path: Path | None = None):
 # the report
 SCORE_FORMATS = {"OOF MAP@3 (all)": fmt_score, "OOF MAP@3 (verified)": fmt_score, "test MAP@3": fmt_score,
                  "params": fmt_int, "samples/s": fmt_float, "train time": fmt_seconds,
-                 "CV MAP@3 (all)": fmt_score, "CV MAP@3 (verified)": fmt_score, "accuracy (all)": fmt_score}
+                 "CV MAP@3 (all)": fmt_score, "CV MAP@3 (verified)": fmt_score, "accuracy (all)": fmt_score,
+                 "± SE": fmt_score, "Δ vs default": lambda v: "–" if _is_missing(v) else f"{float(v):+.4f}",
+                 "± SE (Δ)": fmt_score, "test ± SE": fmt_score}
 
 
 def models_score_table(scores: Scores) -> pd.DataFrame:
@@ -459,14 +462,64 @@ def models_score_table(scores: Scores) -> pd.DataFrame:
 
 
 def stacking_score_table(scores: Scores) -> pd.DataFrame:
+    """One row per model, blend and stacker: cross-validated MAP@3 with its
+    standard error over the folds, the paired difference to the default
+    learner with its SE (when scores.csv has them), test MAP@3, and which
+    entry is the default and which the final one."""
     s = scores.stacking
-    out = pd.DataFrame({"name": s["name"], "kind": s["kind"], "CV MAP@3 (all)": s["map3_all"],
-                        "CV MAP@3 (verified)": s["map3_verified"],
-                        "test MAP@3": s["map3_test"] if "map3_test" in s else float("nan")})
+    out = pd.DataFrame({"name": s["name"], "kind": s["kind"], "CV MAP@3 (all)": s["map3_all"]})
+    if "map3_all_se" in s:
+        out["± SE"] = s["map3_all_se"]
+    out["CV MAP@3 (verified)"] = s["map3_verified"]
+    if "diff_vs_default" in s:
+        out["Δ vs default"] = s["diff_vs_default"]
+        out["± SE (Δ)"] = s["diff_se"] if "diff_se" in s else float("nan")
+    out["test MAP@3"] = s["map3_test"] if "map3_test" in s else float("nan")
+    if "map3_test_se" in s:
+        out["test ± SE"] = s["map3_test_se"]
     if "accuracy_all" in s:
         out["accuracy (all)"] = s["accuracy_all"]
+    default = (scores.stacking_summary or {}).get("default")
+    if default is not None:
+        out["default"] = ["yes" if n == default else "" for n in s["name"]]
     out["final"] = ["yes" if n == scores.final else "" for n in s["name"]]
     return out
+
+
+def _weights_text(weights: dict) -> str:
+    return ", ".join(f"{m} {w:.3f}" for m, w in sorted(weights.items(), key=lambda kv: -kv[1]))
+
+
+def stacking_selection_lines(summary: dict) -> list[str]:
+    """The paragraph on how the final learner was chosen (rule, default,
+    strongest challenger and the numbers), and what the final learner learnt."""
+    sel = summary.get("selection") or {}
+    lines = []
+    if sel:
+        rule = sel.get("rule")
+        k, se_kind = sel.get("switch_margin_se"), sel.get("switch_se")
+        head = {"auto": f"Selection rule: keep the default **{sel.get('default')}** unless another entry's paired "
+                        f"cross-validated MAP@3 advantage over it exceeds {k:g} standard error(s) of that "
+                        f"difference ({se_kind} SE)",
+                "best": "Selection rule: the highest cross-validated MAP@3 (`stacking.final: best`)",
+                "forced": f"Selection: forced by `stacking.final: {sel.get('final')}`"}.get(rule, f"Selection: {rule}")
+        lines.append(head + ".")
+        text = summary.get("selection_text")
+        if text:
+            lines.append(f"{text[0].upper()}{text[1:]}.")
+    details = summary.get("final_details") or {}
+    final = summary.get("final")
+    if details.get("weights"):
+        lines.append(f"Weights of the final learned blend {final}: {_weights_text(details['weights'])} "
+                     f"(fit on all OOF rows; temperature {details.get('temperature', float('nan')):.3f}).")
+    if details.get("model_weights"):
+        lines.append(f"Per-model weights of the final {final}: {_weights_text(details['model_weights'])}.")
+    if details.get("C") is not None:
+        lines.append(f"Regularisation of the final {final} chosen by inner CV: C = {details['C']:g}.")
+    if details.get("params"):
+        lines.append(f"Parameters of the final {final} chosen by inner CV: "
+                     + ", ".join(f"{k} {v}" for k, v in details["params"].items()) + ".")
+    return lines
 
 
 def _plot_link(work: WorkDir, path: Path, alt: str) -> str:
@@ -522,7 +575,10 @@ def build_report(work, dataset: Dataset) -> str:
     if scores.stacking is not None:
         summ = scores.stacking_summary or {}
         md += ["Every model, blend and stacker scored by cross-validation on the shared folds "
-               "(a learner never scores rows it was fit on).", "",
+               "(a learner never scores rows it was fit on)."
+               + (" ± SE: standard error over the folds; Δ vs default: paired difference in cross-validated "
+                  "MAP@3 to the default learner on the same rows, with its standard error."
+                  if "diff_vs_default" in scores.stacking else ""), "",
                markdown_table(stacking_score_table(scores), SCORE_FORMATS), ""]
         if scores.final:
             line = f"Chosen final learner: **{scores.final}** ({summ.get('final_kind', '?')})"
@@ -531,6 +587,9 @@ def build_report(work, dataset: Dataset) -> str:
             if summ.get("test_map3") is not None:
                 line += f", test MAP@3 {fmt_score(summ.get('test_map3'))}"
             md += [line + ".", ""]
+            sel_lines = stacking_selection_lines(summ)
+            if sel_lines:
+                md += [" ".join(sel_lines), ""]
     else:
         md += ["Stacking was not run (no stacking/scores.csv): run `python -m stacking.stack`.", ""]
 
@@ -628,9 +687,31 @@ def build_report(work, dataset: Dataset) -> str:
     return text
 
 
+def report_inputs(work: WorkDir) -> str:
+    """Identity of everything the report reads: every artefact in the work
+    directory but the report's own outputs, the logs and timings.json (the
+    report stage's own time is recorded there after the report is written;
+    counting it would rebuild the report on every run)."""
+    skip_dirs = {"plots", "logs"}
+    skip_files = {work.report_md.name, work.timings_json.name, REPORT_INPUTS, ".lock", ".lock.json"}
+    listing = [row for row in folder_listing(work.root, max_depth=6)
+               if row[0].split("/")[0] not in skip_dirs and row[0] not in skip_files]
+    return param_hash(listing, 16)
+
+
+REPORT_INPUTS = ".report-inputs.json"
+
+
 def run_report(cfg: dict, data_dir, work: WorkDir) -> Path:
+    inputs = {"inputs": report_inputs(work), "data": str(Path(data_dir).resolve())}
+    marker = work.root / REPORT_INPUTS
+    if read_json(marker) == inputs and work.report_md.exists():
+        log.info("report inputs unchanged: keeping %s", work.report_md)
+        print(work.report_md)
+        return work.report_md
     dataset = load_dataset(data_dir, check_files=False)  # the report only reads tables
     build_report(work, dataset)
+    atomic_write_json(inputs, marker)
     log.info("wrote %s (plots in %s)", work.report_md, work.plots_dir)
     print(work.report_md)
     return work.report_md

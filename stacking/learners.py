@@ -182,17 +182,19 @@ class LightGBMStacker(Level2Estimator):
     the TRAINING rows only: for every (``num_leaves``, ``min_child_samples``)
     pair (each may be a list of candidates), ``lightgbm.cv`` on
     ``inner_folds`` folds with early stopping (``early_stopping_rounds``) gives
-    the held-out (row-weighted) multi-logloss curve; the pair and the number of
-    trees (at most ``n_estimators``) with the lowest inner loss are refit on
-    all training rows (``best_params_``, ``inner_scores_``). ``inner_folds``
-    0: one fit with ``n_estimators`` trees and single values.
+    the held-out (row-weighted) multi-logloss curve; the pair with the lowest
+    inner loss is refit on all training rows (``best_params_``,
+    ``inner_scores_``) with its best number of trees scaled by
+    inner_folds / (inner_folds - 1) (the refit sees that much more data; at
+    most ``n_estimators``) when ``scale_trees``. ``inner_folds`` 0: one fit
+    with ``n_estimators`` trees and single values.
     """
 
     def __init__(self, n_estimators: int = 200, learning_rate: float = 0.05, max_depth: int = 3,
                  num_leaves: int | Sequence[int] = 8, min_child_samples: int | Sequence[int] = 20,
                  reg_lambda: float = 1.0, colsample_bytree: float = 1.0, unverified_weight: float | None = 0.6,
                  n_jobs: int = 1, random_state: int = 2018, inner_folds: int = 0,
-                 early_stopping_rounds: int = 30):
+                 early_stopping_rounds: int = 30, scale_trees: bool = True):
         self.n_estimators = n_estimators
         self.learning_rate = learning_rate
         self.max_depth = max_depth
@@ -205,6 +207,7 @@ class LightGBMStacker(Level2Estimator):
         self.random_state = random_state
         self.inner_folds = inner_folds
         self.early_stopping_rounds = early_stopping_rounds
+        self.scale_trees = scale_trees
 
     def _design(self, mats: list[np.ndarray], extra, fitting: bool) -> np.ndarray:
         n = mats[0].shape[0]
@@ -251,7 +254,10 @@ class LightGBMStacker(Level2Estimator):
             self.inner_scores_[key] = {"logloss": float(curve[it]), "n_estimators": it + 1}
             if best is None or curve[it] < best[0]:
                 best = (float(curve[it]), cand, it + 1)
-        return best[1], best[2]
+        n_trees = best[2]
+        if self.scale_trees:
+            n_trees = min(self.n_estimators, int(np.ceil(n_trees * self.inner_folds / (self.inner_folds - 1))))
+        return best[1], n_trees
 
     def fit(self, X_models, y, sample_weight=None, *, extra=None, verified=None):
         import lightgbm as lgb

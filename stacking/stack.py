@@ -26,7 +26,7 @@ Settings (preset section ``stacking:``, every key optional):
   learners           subset of mean, geomean, rank, learned, logreg, lightgbm (default: all)
   final              "auto" (default: the switch rule above), "best" (the old rule: highest
                      cross-validated map3_all, noise and all) or a model/blend/learner name (forced)
-  default            the default final learner of the rule (default "geomean"; when it is not
+  default            the default final learner of the rule (default "learned"; when it is not
                      scored, the first of ``learners``)
   switch_margin_se   k of the rule: switch only when diff_vs_default > k * diff_se (default 1.0)
   switch_se          which SE of the paired difference the rule uses: rows, folds or max (default)
@@ -41,10 +41,14 @@ Settings (preset section ``stacking:``, every key optional):
                      n_estimators) are chosen by inner CV on each training set (default: leaves
                      [4, 8] x min_child_samples [10, 20], 3 inner folds, up to 400 trees)
   logreg             {C, per_model_weights, class_bias, inner_folds}: a list C is chosen by inner CV
-                     on each training set (default [0.01, 0.03, 0.1, 0.3, 1, 3], 3 inner folds)
-Resumable: when summary.json records the same input fingerprint (file
-mtimes and sizes of every input table, the resolved settings) and every
-output exists, the stage does nothing.
+                     on each training set (default [0.01, 0.03, 0.1, 0.3, 1, 3], 3 inner folds);
+                     default form: one weight per model plus a per-class bias (per_model_weights
+                     and class_bias true; false/false is the full K x (K*M + 1) multinomial LR)
+Resumable: when summary.json records the same input fingerprint (the
+content of every input table, the dataset's tables, the MFCC cache key and
+clips, the resolved settings) and every output exists, the stage does
+nothing; when it differs, submission.csv and the other final outputs are
+removed before anything is recomputed.
 """
 from __future__ import annotations
 
@@ -81,7 +85,7 @@ DEFAULTS = {
     "models": None,
     "learners": None,
     "final": "auto",
-    "default": "geomean",
+    "default": "learned",
     "switch_margin_se": 1.0,
     "switch_se": "max",
     "unverified_weight": 0.6,
@@ -90,7 +94,7 @@ DEFAULTS = {
     "learned": {"l2": 0.0},
     "lightgbm": {"n_estimators": 400, "learning_rate": 0.05, "max_depth": 3, "num_leaves": [4, 8],
                  "min_child_samples": [10, 20], "n_jobs": 1, "inner_folds": 3, "early_stopping_rounds": 30},
-    "logreg": {"C": [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "per_model_weights": False, "class_bias": False,
+    "logreg": {"C": [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "per_model_weights": True, "class_bias": True,
                "inner_folds": 3},
 }
 

@@ -388,15 +388,15 @@ def test_stage_end_to_end(tmp_path, restore_logging, capsys):
     summary = pd.read_json(d / "summary.json", typ="series")
     s = scores.set_index("name")
     assert summary["final"] in names and summary["mfcc_statistics"] == "mfcc"
-    # the rule: the default geomean unless a learner beats it by more than one SE of the paired difference
-    assert summary["default"] == "geomean" and summary["selection"]["rule"] == "auto"
+    # the rule: the default (learned blend) unless a learner beats it by more than one SE of the paired difference
+    assert summary["default"] == "learned" and summary["selection"]["rule"] == "auto"
     beats = s["diff_vs_default"] > s["diff_se"]
     if beats.any():
         assert summary["final"] == s[beats]["map3_all"].idxmax()
     else:
-        assert summary["final"] == "geomean"
+        assert summary["final"] == "learned"
     assert summary["cv_map3_all"] == pytest.approx(s.loc[summary["final"], "map3_all"])
-    assert s.loc["geomean", "diff_vs_default"] == 0
+    assert s.loc["learned", "diff_vs_default"] == 0
     assert summary["cv_map3_all"] >= s.loc["good", "map3_all"] - 0.02
     assert s.loc["logreg", "map3_all"] >= s.loc["good", "map3_all"] - 0.05
     assert s.loc["good", "map3_all"] > s.loc["noise", "map3_all"] + 0.2
