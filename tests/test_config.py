@@ -5,6 +5,8 @@ import copy
 
 import pytest
 
+from pipeline.handcrafted import handcrafted_features, is_handcrafted
+
 from pipeline.config import CONFIG_DIR, ConfigError, load_config, model_config, param_hash
 
 
@@ -151,6 +153,9 @@ def test_every_listed_model_resolves():
         spec = model_config(cfg, name)
         if spec.get("embeddings_from"):  # a model on another model's embeddings
             assert spec["embeddings_from"] in models[:models.index(name)], name
+        elif is_handcrafted(spec):  # statistics of whole clips: several features, no window
+            assert all(f in cfg["features"] for f in handcrafted_features(spec)), name
+            continue
         else:
             assert spec["feature"] in cfg["features"], name
         assert isinstance(spec["window"], int) and spec["window"] > 0, name
@@ -163,7 +168,8 @@ def test_every_listed_model_has_a_builder():
     import models
     cfg = load_config("quick")
     for name in cfg["run"]["models"]:
-        assert model_config(cfg, name)["builder"] in models.BUILDERS, name
+        spec = model_config(cfg, name)
+        assert spec["builder"] in models.BUILDERS or is_handcrafted(spec), name
 
 
 def test_param_hash_stable():
@@ -178,7 +184,8 @@ def test_full_preset_resolves_every_model_and_feature():
     assert cfg["features"]["logmel"]["sr"] == 44100 and cfg["features"]["logmel"]["n_mels"] == 128
     for name in cfg["run"]["models"]:
         spec = model_config(cfg, name)
-        assert spec.get("embeddings_from") or spec["feature"] in cfg["features"], name
+        assert (spec.get("embeddings_from") or (is_handcrafted(spec) and set(handcrafted_features(spec)) <=
+                set(cfg["features"])) or spec["feature"] in cfg["features"]), name
     assert model_config(cfg, "wave1d")["train"]["batch_size"] == 128
     assert model_config(cfg, "inception2d")["window"] == 299
     assert cfg["pseudo_label"]["enabled"] and cfg["labels"]["source"] == "pseudo"
