@@ -490,28 +490,41 @@ def _weights_text(weights: dict) -> str:
     return ", ".join(f"{m} {w:.3f}" for m, w in sorted(weights.items(), key=lambda kv: -kv[1]))
 
 
+SE_KIND_TEXT = {"max": "the larger of its SE over rows and its SE over folds", "rows": "its SE over rows",
+                "folds": "its SE over folds"}
+
+
 def stacking_selection_lines(summary: dict) -> list[str]:
     """The paragraph on how the final learner was chosen (rule, default,
     strongest challenger and the numbers), and what the final learner learnt."""
     sel = summary.get("selection") or {}
     lines = []
     if sel:
-        rule = sel.get("rule")
+        rule, default, final = sel.get("rule"), sel.get("default"), sel.get("final")
         k, se_kind = sel.get("switch_margin_se"), sel.get("switch_se")
-        head = {"auto": f"Selection rule: keep the default **{sel.get('default')}** unless another entry's paired "
-                        f"cross-validated MAP@3 advantage over it exceeds {k:g} standard error(s) of that "
-                        f"difference ({se_kind} SE)",
-                "best": "Selection rule: the highest cross-validated MAP@3 (`stacking.final: best`)",
-                "forced": f"Selection: forced by `stacking.final: {sel.get('final')}`"}.get(rule, f"Selection: {rule}")
-        lines.append(head + ".")
-        text = summary.get("selection_text")
-        if text:
-            lines.append(f"{text[0].upper()}{text[1:]}.")
+        lines.append({"auto": f"Selection rule: keep the declared default **{default}** unless another entry's "
+                              f"paired cross-validated MAP@3 advantage over it exceeds {k:g} standard error(s) of "
+                              f"that difference ({SE_KIND_TEXT.get(se_kind, se_kind)}).",
+                      "best": "Selection rule: the highest cross-validated MAP@3 (`stacking.final: best`).",
+                      "forced": f"Selection: forced by `stacking.final: {final}`."}.get(rule, f"Selection: {rule}."))
+        text = f"Default {default}: CV MAP@3 {fmt_score(sel.get('default_cv'))} ± {fmt_score(sel.get('default_cv_se'))}"
+        cand = sel.get("candidate")
+        if cand is not None and not _is_missing(sel.get("candidate_diff")):
+            d, se = float(sel["candidate_diff"]), float(sel["candidate_diff_se"])
+            text += (f"; {'switched to' if sel.get('switched') else 'strongest challenger'} {cand}: "
+                     f"{d:+.4f} ± {se:.4f}")
+            if rule == "auto":
+                text += (f" (> {k:g} SE: switched)" if sel.get("switched")
+                         else f" (not more than {k:g} SE: kept the default)")
+        if rule == "best":
+            text += f"; highest CV MAP@3: {final}"
+        elif rule == "forced" and final != default and not _is_missing(sel.get("final_diff")):
+            text += f"; forced {final}: {float(sel['final_diff']):+.4f} ± {float(sel['final_diff_se']):.4f} vs the default"
+        lines.append(text + ".")
     details = summary.get("final_details") or {}
     final = summary.get("final")
     if details.get("weights"):
-        lines.append(f"Weights of the final learned blend {final}: {_weights_text(details['weights'])} "
-                     f"(fit on all OOF rows; temperature {details.get('temperature', float('nan')):.3f}).")
+        lines.append(f"Weights of the final blend {final} (fit on all OOF rows): {_weights_text(details['weights'])}.")
     if details.get("model_weights"):
         lines.append(f"Per-model weights of the final {final}: {_weights_text(details['model_weights'])}.")
     if details.get("C") is not None:

@@ -270,7 +270,7 @@ def test_stage_records_the_choice_and_forcing_works(tmp_path, restore_logging, c
     assert table.loc["learned", "± SE"] == pytest.approx(scores.loc["learned", "map3_all_se"])
     assert table.loc["geomean", "default"] == "yes" and table.loc[summary["final"], "final"] == "yes"
     text = " ".join(stacking_selection_lines(summary))
-    assert "keep the default **geomean**" in text and f"switched to {summary['final']}" in text
+    assert "keep the declared default **geomean**" in text and f"switched to {summary['final']}: +" in text
     lines = "\n".join(summary_lines(cfg, work))
     assert f"{scores.loc['geomean', 'map3_all']:.4f} ± {scores.loc['geomean', 'map3_all_se']:.4f}" in lines
     assert "selection: default geomean" in lines
