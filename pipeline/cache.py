@@ -96,7 +96,7 @@ class FeatureStore:
 
     # -- reading -----------------------------------------------------------
     def index(self, split: str, refresh: bool = False) -> dict[str, dict]:
-        """fname -> {"shard", "start", "stop", "id"} or {"bad": {reason, detail}, "id"}.
+        """fname -> {"shard", "start", "stop", "id", "index"} or {"bad": {reason, detail}, "id", "index"}
 
         A clip recomputed after its audio file changed sits in a newer shard;
         the newest shard's entry wins."""
@@ -112,10 +112,11 @@ class FeatureStore:
                 ids = meta.get("ids", {})
                 offset = 0
                 for fname, length in zip(meta["fnames"], meta["lengths"]):
-                    entries[fname] = {"shard": npy, "start": offset, "stop": offset + length, "id": ids.get(fname)}
+                    entries[fname] = {"shard": npy, "start": offset, "stop": offset + length, "id": ids.get(fname),
+                                      "index": idx_path}
                     offset += length
                 for fname, why in meta.get("bad", {}).items():
-                    entries[fname] = {"bad": why, "id": ids.get(fname)}
+                    entries[fname] = {"bad": why, "id": ids.get(fname), "index": idx_path}
             self._index[split] = entries
         return self._index[split]
 
@@ -129,17 +130,12 @@ class FeatureStore:
     def prune(self, split: str) -> int:
         """Delete shards none of whose clips is current any more (every clip
         was recomputed into a newer shard). Returns the number removed."""
-        current = {e["shard"] for e in self.index(split, refresh=True).values() if "shard" in e}
-        bad_current = {f for f, e in self.index(split).items() if "bad" in e}
+        current = {e["index"] for e in self.index(split, refresh=True).values()}
         removed = 0
         for idx_path in sorted((self.root / split).glob("shard-*.index.json")):
-            npy = idx_path.with_name(idx_path.name.replace(".index.json", ".npy"))
-            meta = read_json(idx_path)
-            holds_bad = any(f in bad_current and self._index[split][f].get("id") == meta.get("ids", {}).get(f)
-                            for f in meta.get("bad", {}))
-            if npy not in current and not holds_bad:
+            if idx_path not in current:
                 idx_path.unlink()
-                npy.unlink(missing_ok=True)
+                idx_path.with_name(idx_path.name.replace(".index.json", ".npy")).unlink(missing_ok=True)
                 removed += 1
         if removed:
             self.index(split, refresh=True)

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from pipeline.audio import repeat_to_length
 from pipeline.cache import FeatureStore, feature_stores
+from pipeline.clips import load_clips, split_usable
 from pipeline.cli import run_main, start_stage, timed_stage
 from pipeline.config import ConfigError, model_config, param_hash
 from pipeline.folds import load_folds
@@ -158,9 +159,10 @@ def _check_source_current(cfg: dict, work: WorkDir, source: str, spec: dict, src
     from pipeline.labels import training_labels
     from pipeline.trainer import fold_fingerprint
     labels = training_labels(cfg, work, folds, spec["train"])
-    clips = pd.read_csv(work.clips_csv, dtype={"fname": str}, keep_default_na=False)
+    clips = load_clips(work)
+    good_test, _bad = split_usable(clips, "test", dataset.test_fnames, work.clips_csv)
     want = fold_fingerprint(spec, src_store.key, table_hash(labels), table_hash(folds), int(cfg.get("seed", 2018)),
-                            data_hash(clips, dataset.classes, _usable_test(work)))
+                            data_hash(clips, dataset.classes, good_test))
     stale = [k for k, fp in enumerate(fingerprints) if fp != want]
     if stale:
         log.warning("%s fold(s) %s were trained with other settings than the preset's: the embeddings use "
@@ -185,7 +187,8 @@ def open_embedding_store(cfg: dict, work: WorkDir, source: str, dataset=None) ->
 
 
 def _usable_test(work: WorkDir) -> list[str]:
-    clips = pd.read_csv(work.require(work.clips_csv, "python -m pipeline.features"), dtype={"fname": str})
+    """Usable test clips in test order (clips.csv lists them in that order)."""
+    clips = load_clips(work)
     return clips[(clips.split == "test") & (clips.status == "ok")]["fname"].tolist()
 
 

@@ -17,6 +17,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
 from pipeline.cli import run_main, start_stage, timed_stage
+from pipeline.clips import load_clips, split_usable
 from pipeline.config import ConfigError
 from pipeline.dataset import DatasetError, load_dataset
 from pipeline.fingerprints import param_hash, table_hash
@@ -82,19 +83,11 @@ def load_folds(work: WorkDir) -> pd.DataFrame:
 
 def usable_train(dataset, work: WorkDir) -> pd.DataFrame:
     """train.csv rows whose audio decoded (clips.csv status ok)."""
-    clips = pd.read_csv(work.require(work.clips_csv, "python -m pipeline.features"), dtype={"fname": str},
-                        keep_default_na=False)
-    bad = set(clips[(clips.split == "train") & (clips.status != "ok")]["fname"])
-    known = set(clips[clips.split == "train"]["fname"])
-    unknown = set(dataset.train["fname"]) - known
-    if unknown:
-        raise FileNotFoundError(f"{work.clips_csv} does not list {len(unknown)} clip(s) of train.csv (e.g. "
-                                f"{sorted(unknown)[0]}): the dataset changed; run `python -m pipeline.features` first")
-    usable = dataset.train[~dataset.train["fname"].isin(bad)].reset_index(drop=True)
+    good, bad = split_usable(load_clips(work), "train", dataset.train["fname"].tolist(), work.clips_csv)
     if bad:
         log.warning("%d training clip(s) left out of the folds (unusable audio): %s", len(bad),
                     ", ".join(sorted(bad)[:20]) + (" ..." if len(bad) > 20 else ""))
-    return usable
+    return dataset.train[dataset.train["fname"].isin(set(good))].reset_index(drop=True)
 
 
 def check_fold_sizes(usable: pd.DataFrame, n_folds: int, source: str) -> None:
@@ -130,14 +123,18 @@ def _describe_change(old: pd.DataFrame, new: pd.DataFrame) -> str:
     return ", ".join(parts) if parts else "same rows; other settings (folds.n_folds or seed)"
 
 
-def run_folds(cfg: dict, data_dir, work: WorkDir) -> pd.DataFrame:
-    """Write folds.csv, or keep it when it was made from the same rows and settings."""
-    dataset = load_dataset(data_dir)
+def _expected(cfg: dict, dataset, work: WorkDir) -> tuple[pd.DataFrame, int, int, str]:
+    """(usable rows, n_folds, seed, fingerprint) folds.csv must be made from."""
     usable = usable_train(dataset, work)
     n_folds = int((cfg.get("folds") or {}).get("n_folds", 5))
     seed = int(cfg.get("seed", 2018))
+    return usable, n_folds, seed, folds_fingerprint(usable, n_folds, seed)
+
+
+def run_folds(cfg: dict, data_dir, work: WorkDir) -> pd.DataFrame:
+    """Write folds.csv, or keep it when it was made from the same rows and settings."""
+    usable, n_folds, seed, fp = _expected(cfg, load_dataset(data_dir), work)
     check_fold_sizes(usable, n_folds, str(work.clips_csv))
-    fp = folds_fingerprint(usable, n_folds, seed)
     meta = read_json(work.folds_json) or {}
     if work.folds_csv.exists() and meta.get("fingerprint") == fp:
         folds = load_folds(work)
@@ -157,8 +154,7 @@ def current_folds(cfg: dict, dataset, work: WorkDir) -> pd.DataFrame:
     """folds.csv, refused when it no longer matches train.csv, clips.csv or
     the fold settings (a stage run alone after the dataset changed)."""
     folds = load_folds(work)
-    usable = usable_train(dataset, work)
-    fp = folds_fingerprint(usable, int((cfg.get("folds") or {}).get("n_folds", 5)), int(cfg.get("seed", 2018)))
+    usable, _n, _seed, fp = _expected(cfg, dataset, work)
     if (read_json(work.folds_json) or {}).get("fingerprint") != fp:
         raise FileNotFoundError(f"{work.folds_csv} was made from other training rows or fold settings "
                                 f"({_describe_change(folds, usable)}): run `python -m pipeline.folds` first "

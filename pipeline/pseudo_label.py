@@ -634,7 +634,8 @@ def run_pseudo_label(cfg: dict, data_dir, work: WorkDir, progress: bool = True) 
     folds = current_folds(cfg, dataset, work)
     clean_path = Path(data_dir) / "train_clean_labels.csv"
     clean = pd.read_csv(clean_path, dtype={"fname": str, "label": str}) if clean_path.exists() else None
-    clips = pd.read_csv(work.clips_csv, dtype={"fname": str}, keep_default_na=False)
+    from pipeline.clips import load_clips
+    clips = load_clips(work)
     return pseudo_label_stage(cfg, work, folds, dataset.classes, clean, progress,
                               data_hash=data_hash(clips, dataset.classes, []))
 

@@ -15,6 +15,7 @@ import pandas as pd
 
 from pipeline.cache import feature_stores
 from pipeline.cli import run_main, start_stage, timed_stage
+from pipeline.clips import load_clips, split_usable
 from pipeline.config import model_config
 from pipeline.dataset import load_dataset
 from pipeline.fingerprints import data_hash, param_hash, table_hash
@@ -36,25 +37,6 @@ def feature_source(cfg: dict, work: WorkDir, spec: dict, dataset=None):
         from pipeline.embeddings import embedding_store
         return embedding_store(cfg, work, spec["embeddings_from"], dataset=dataset)
     return feature_stores(work, cfg, [spec["feature"]])[spec["feature"]]
-
-
-def usable_test_fnames(work: WorkDir, test_fnames: list[str]) -> tuple[list[str], list[str]]:
-    """(test clips with usable audio, test clips without), in test order."""
-    clips = pd.read_csv(work.require(work.clips_csv, "python -m pipeline.features"), dtype={"fname": str},
-                        keep_default_na=False)
-    listed = set(clips[clips.split == "test"]["fname"])
-    unknown = [f for f in test_fnames if f not in listed]
-    if unknown:
-        raise FileNotFoundError(f"{work.clips_csv} does not list {len(unknown)} test clip(s) (e.g. {unknown[0]}): "
-                                "the test set changed; run `python -m pipeline.features` first")
-    bad = set(clips[(clips.split == "test") & (clips.status != "ok")]["fname"])
-    return [f for f in test_fnames if f not in bad], [f for f in test_fnames if f in bad]
-
-
-def data_fingerprint(work: WorkDir, dataset, good_test: list[str]) -> str:
-    """See :func:`pipeline.fingerprints.data_hash`."""
-    clips = pd.read_csv(work.clips_csv, dtype={"fname": str}, keep_default_na=False)
-    return data_hash(clips, dataset.classes, good_test)
 
 
 def _stale_model_outputs(work: WorkDir, model: str, n_folds: int) -> list:
@@ -96,10 +78,11 @@ def train_model(cfg: dict, data_dir, work: WorkDir, model: str, progress: bool =
         store = feature_source(cfg, work, spec, dataset)
         store_key = store.key
     labels = training_labels(cfg, work, folds, spec["train"])
-    good_test, bad_test = usable_test_fnames(work, dataset.test_fnames)
+    clips = load_clips(work)
+    good_test, bad_test = split_usable(clips, "test", dataset.test_fnames, work.clips_csv)
     seed = int(cfg.get("seed", 2018))
     fp = fold_fingerprint(spec, store_key, table_hash(labels), table_hash(folds), seed,
-                          data_fingerprint(work, dataset, good_test))
+                          data_hash(clips, dataset.classes, good_test))
     n_folds = int(folds["fold"].max()) + 1
     model_fp = param_hash({"folds": fp, "n_folds": n_folds, "test": list(dataset.test_fnames),
                            "prior": list(np.round(dataset.class_prior(), 12)),
@@ -122,34 +105,32 @@ def train_model(cfg: dict, data_dir, work: WorkDir, model: str, progress: bool =
                      summary["val_map3"])
             continue
         held = folds["fold"] == k
-        if handcrafted:
-            tr = labels[~held.to_numpy()]
-            rows = TrainRows(fnames=tr["fname"].tolist(), labels=tr["label"].map(cidx).to_numpy(),
-                             epsilon=tr["epsilon"].to_numpy(dtype=np.float32), verified=tr["verified"].to_numpy())
-            log.info("%s fold %d (of folds 0-%d): fitting on %d clips, predicting %d held-out", model, k, n_folds - 1,
-                     len(rows.fnames), int(held.sum()))
-            result = train_handcrafted_fold(spec, stores, rows, folds.loc[held, "fname"].tolist(),
-                                            folds.loc[held, "label"].map(cidx).to_numpy(), good_test,
-                                            len(classes), fold_dir, seed, k, fingerprint=fp)
-            _write_fold(fold_dir, folds.loc[held, "fname"], k, result, good_test, classes)
-            continue
-        tr, stop_fnames, stop_labels = early_stopping_rows(labels, folds, k, cidx, tcfg, seed)
-        train_split = store.train_split(k)  # per-fold for embeddings, "train" otherwise
+        held_fnames = folds.loc[held, "fname"].tolist()
+        if handcrafted:  # no epochs, nothing to stop early: fit on every other fold's clip
+            tr, stop_fnames, stop_labels = labels[~held.to_numpy()], [], None
+        else:
+            tr, stop_fnames, stop_labels = early_stopping_rows(labels, folds, k, cidx, tcfg, seed)
+        train_split = "train" if handcrafted else store.train_split(k)  # per-fold for embeddings
         rows = TrainRows(fnames=tr["fname"].tolist(), labels=tr["label"].map(cidx).to_numpy(),
                          epsilon=tr["epsilon"].to_numpy(dtype=np.float32), verified=tr["verified"].to_numpy(),
                          split=train_split)
         log.info("%s fold %d (of folds 0-%d): training on %d clips, early stopping on %d (%s), predicting %d "
                  "held-out", model, k, n_folds - 1, len(rows.fnames), len(stop_fnames),
-                 tcfg.get("early_stopping_split", "heldout"), int(held.sum()))
-        result = train_fold(spec, store, rows, stop_fnames, stop_labels, good_test, len(classes), fold_dir,
-                            seed, k, fp, progress=progress, val_split=train_split,
-                            test_split=store.test_split(k), model_cache=model_cache,
-                            heldout_fnames=folds.loc[held, "fname"].tolist())
-        _write_fold(fold_dir, folds.loc[held, "fname"], k, result, good_test, classes)
+                 "none" if handcrafted else tcfg.get("early_stopping_split", "heldout"), len(held_fnames))
+        if handcrafted:
+            result = train_handcrafted_fold(spec, stores, rows, held_fnames,
+                                            folds.loc[held, "label"].map(cidx).to_numpy(), good_test,
+                                            len(classes), fold_dir, seed, k, fingerprint=fp)
+        else:
+            result = train_fold(spec, store, rows, stop_fnames, stop_labels, good_test, len(classes), fold_dir,
+                                seed, k, fp, progress=progress, val_split=train_split,
+                                test_split=store.test_split(k), model_cache=model_cache,
+                                heldout_fnames=held_fnames)
+        _write_fold(fold_dir, held_fnames, k, result, good_test, classes)
     return assemble_predictions(work, model, folds, dataset, bad_test, n_folds, time.time() - start, model_fp)
 
 
-def _write_fold(fold_dir, held_fnames: pd.Series, fold: int, result, good_test: list[str], classes) -> None:
+def _write_fold(fold_dir, held_fnames: list[str], fold: int, result, good_test: list[str], classes) -> None:
     """A finished fold's tables; summary.json (with the fingerprint) last, so
     a fold counts as done only once its tables exist."""
     write_table(probs_frame(held_fnames, result.oof, classes, [fold] * len(held_fnames)), fold_dir / "oof.csv")

@@ -103,6 +103,25 @@ def test_shard_with_only_bad_clips(work):
     assert FeatureStore(work, "logmel", SPEC, AUDIO).bad_reason("test", "a.wav")["reason"] == "unreadable"
 
 
+def test_recomputed_clips_win_and_superseded_shards_are_pruned(work):
+    """A clip whose audio changed is recomputed into a newer shard: that one is
+    read, and a shard none of whose clips is current any more is removed."""
+    store = FeatureStore(work, "logmel", SPEC, AUDIO)
+    store.ensure_dir()
+    old = _arrays([4, 6], seed=1)
+    keep = store.write_shard("train", {"other.wav": _arrays([3], seed=3)["clip0.wav"]}, {}, {"other.wav": [9, 9]})
+    first = store.write_shard("train", old, {}, {f: [100, 1] for f in old})
+    assert store.is_done("train", "clip0.wav", (100, 1)) and not store.is_done("train", "clip0.wav", (100, 2))
+    new = _arrays([5, 7], seed=2)
+    store.write_shard("train", new, {}, {f: [100, 2] for f in new})
+    fresh = FeatureStore(work, "logmel", SPEC, AUDIO)
+    assert fresh.is_done("train", "clip0.wav", (100, 2))
+    np.testing.assert_array_equal(fresh.load("train", "clip1.wav"), new["clip1.wav"].astype(np.float16))
+    assert fresh.prune("train") == 1
+    assert not first.with_suffix(".index.json").exists() and not first.with_suffix(".npy").exists()
+    assert keep.with_suffix(".index.json").exists() and fresh.is_done("train", "other.wav", (9, 9))
+
+
 def test_index_less_shard_is_not_valid(work):
     store = FeatureStore(work, "logmel", SPEC, AUDIO)
     store.ensure_dir()

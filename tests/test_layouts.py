@@ -189,37 +189,25 @@ def test_zenodo_listed_test_file_missing(zen):
     assert gone in msg and "FSDKaggle2018.audio_test" in msg
 
 
-def test_zenodo_bad_usage(zen):
+def _set_cell(path: Path, line: int, column: int, value: str) -> None:
+    """Put ``value`` in one cell of a CSV (``line`` 1-based, the header being line 1)."""
     def edit(lines):
-        parts = lines[2].split(",")                    # line 3
-        parts[2] = "Hidden"
-        lines[2] = ",".join(parts)
-    _rewrite(zen.test_csv, edit)
+        parts = lines[line - 1].split(",")
+        parts[column] = value
+        lines[line - 1] = ",".join(parts)
+    _rewrite(path, edit)
+
+
+@pytest.mark.parametrize("line, column, value, expect", [
+    (3, 2, "Hidden", ["usage", "Hidden"]),                                   # bad usage
+    (4, 1, "Didgeridoo", ["Didgeridoo", "train_post_competition.csv"]),      # label never seen in training
+    (2, 1, "Acoustic guitar", ["whitespace", "Acoustic_guitar"]),            # label with a space
+], ids=["bad-usage", "label-never-seen-in-training", "label-with-space"])
+def test_zenodo_test_csv_bad_cell(zen, line, column, value, expect):
+    _set_cell(zen.test_csv, line, column, value)
     msg = _error(zen.root)
-    _assert_names(msg, zen.test_csv, line=3)
-    assert "usage" in msg and "Hidden" in msg
-
-
-def test_zenodo_test_label_never_seen_in_training(zen):
-    def edit(lines):
-        parts = lines[3].split(",")                    # line 4
-        parts[1] = "Didgeridoo"
-        lines[3] = ",".join(parts)
-    _rewrite(zen.test_csv, edit)
-    msg = _error(zen.root)
-    _assert_names(msg, zen.test_csv, line=4)
-    assert "Didgeridoo" in msg and "train_post_competition.csv" in msg
-
-
-def test_zenodo_test_label_with_space(zen):
-    def edit(lines):
-        parts = lines[1].split(",")                    # line 2
-        parts[1] = "Acoustic guitar"
-        lines[1] = ",".join(parts)
-    _rewrite(zen.test_csv, edit)
-    msg = _error(zen.root)
-    _assert_names(msg, zen.test_csv, line=2)
-    assert "whitespace" in msg and "Acoustic_guitar" in msg
+    _assert_names(msg, zen.test_csv, line=line)
+    assert all(e in msg for e in expect), msg
 
 
 def test_zenodo_train_latin1(zen):
