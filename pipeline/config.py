@@ -119,11 +119,8 @@ def _closest(name: str, known) -> str:
 
 
 def _check_value(where: str, value, types, lo, hi, source: str) -> None:
-    if isinstance(value, bool) and bool not in types:
-        ok = False
-    else:
-        ok = isinstance(value, types)
-    if not ok:
+    # bool is an int subclass: True must not pass as an epoch count
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         names = "/".join("null" if t is type(None) else t.__name__ for t in types)
         raise ConfigError(f"{source}: {where} = {value!r}: expected {names}")
     if isinstance(value, _NUM) and not isinstance(value, bool):
