@@ -77,3 +77,11 @@ def per_class_map_at_3(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[
             "accuracy": float(top1[mask].mean()) if mask.any() else float("nan"),
         })
     return pd.DataFrame(rows)
+
+
+def scope_text(labelled: int | None, total: int | None) -> str:
+    """" (1,600 of 9,400 test clips labelled)" when a score covers only part of
+    the test set; empty when it covers all of it."""
+    if labelled is None or total is None or labelled == total:
+        return ""
+    return f" (on {labelled:,} of {total:,} test clips)"

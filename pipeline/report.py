@@ -29,7 +29,8 @@ import pandas as pd
 
 from pipeline.cli import run_main, start_stage, timed_stage
 from pipeline.dataset import Dataset, load_dataset
-from pipeline.metrics import map_at_3, map_at_k_labels, per_class_map_at_3, precision_at_rank, top_k_indices
+from pipeline.metrics import (map_at_3, map_at_k_labels, per_class_map_at_3, precision_at_rank, scope_text,
+                              top_k_indices)
 from pipeline.predictions import class_columns, read_table
 from pipeline.fingerprints import folder_listing, param_hash
 from pipeline.workdir import WorkDir, atomic_write_bytes, atomic_write_json, read_json
@@ -544,7 +545,8 @@ def build_report(work, dataset: Dataset) -> str:
     work = _as_work(work)
     plots = work.plots_dir
     plots.mkdir(parents=True, exist_ok=True)
-    md: list[str] = [f"# Run report: `{work.root}`", "", f"Dataset: `{dataset.root}`", ""]
+    md: list[str] = [f"# Run report: `{work.root}`", "", f"Dataset: `{dataset.root}` ({dataset.layout} layout)", ""]
+    labels_name = dataset.test_labels_csv.name if dataset.test_labels_csv else "test_labels.csv"
 
     # -- dataset --------------------------------------------------------------
     clips = read_clips(work)
@@ -553,7 +555,7 @@ def build_report(work, dataset: Dataset) -> str:
                  else f"{ds['clips_per_class_min']}–{ds['clips_per_class_max']}")
     md += ["## Dataset", "",
            f"- clips: {ds['train_clips']:,} train, {ds['test_clips']:,} test"
-           + ("" if ds["test_labelled"] is None else f" ({ds['test_labelled']:,} test clips labelled in test_labels.csv)"),
+           + ("" if ds["test_labelled"] is None else f" ({ds['test_labelled']:,} test clips labelled in {labels_name})"),
            f"- classes: {ds['classes']} ({per_class} train clips per class)",
            f"- manually verified: {ds['verified']:,} of {ds['train_clips']:,} train clips "
            f"({100 * ds['verified_share']:.1f}%)"]
@@ -580,7 +582,7 @@ def build_report(work, dataset: Dataset) -> str:
     md += ["## Scores", "", "### Single models", ""]
     if len(scores.models):
         md += ["OOF MAP@3 over every row of folds.csv (all rows / manually verified rows only); "
-               "test MAP@3 when test_labels.csv exists.", "",
+               f"test MAP@3 when the dataset has test labels ({labels_name}).", "",
                markdown_table(models_score_table(scores), SCORE_FORMATS), ""]
     else:
         md += ["No model has been trained (no models/<model>/summary.json): run `python -m pipeline.train`.", ""]
@@ -689,11 +691,12 @@ def build_report(work, dataset: Dataset) -> str:
         origin = f" (from stacking's final learner {scores.final})" if scores.final else ""
         md += [f"Submission: `{sub['path']}`{origin}", ""]
         if dataset.test_labels is None:
-            md += ["No test_labels.csv in the dataset: the test MAP@3 is not known.", ""]
+            md += [f"No {labels_name} in the dataset: the test MAP@3 is not known.", ""]
         elif sub["map3"] is None:
-            md += ["test_labels.csv labels none of the submission's clips: no test MAP@3.", ""]
+            md += [f"{labels_name} labels none of the submission's clips: no test MAP@3.", ""]
         else:
-            md += [f"Final test MAP@3: **{sub['map3']:.4f}** over {sub['labelled']:,} labelled test clips.", ""]
+            md += [f"Final test MAP@3: **{sub['map3']:.4f}** over {sub['labelled']:,} labelled test clips"
+                   f"{scope_text(sub['labelled'], len(dataset.test_fnames))}.", ""]
 
     text = "\n".join(md).rstrip() + "\n"
     atomic_write_bytes(work.report_md, text.encode())

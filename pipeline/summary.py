@@ -9,6 +9,7 @@ import pandas as pd
 
 from pipeline.cli import run_main, stage_parser
 from pipeline.config import load_config
+from pipeline.metrics import scope_text
 from pipeline.workdir import WorkDir, read_json
 
 
@@ -19,7 +20,8 @@ def summary_lines(cfg: dict, work: WorkDir) -> list[str]:
         if not s:
             lines.append(f"{model:>14}: not trained")
             continue
-        test = f"   test MAP@3 {s['test_map3']:.4f}" if "test_map3" in s else ""
+        test = (f"   test MAP@3 {s['test_map3']:.4f}{scope_text(s.get('test_labelled'), s.get('test_clips'))}"
+                if "test_map3" in s else "")
         lines.append(f"{model:>14}: OOF MAP@3 {s['oof_map3']:.4f} (verified rows {s['oof_map3_verified']:.4f}){test}")
     stack = read_json(work.stacking_dir / "summary.json")
     scores_path = work.stacking_dir / "scores.csv"

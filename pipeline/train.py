@@ -22,7 +22,7 @@ from pipeline.fingerprints import data_hash, param_hash, table_hash
 from pipeline.handcrafted import handcrafted_features, is_handcrafted, train_handcrafted_fold
 from pipeline.folds import current_folds, inner_split
 from pipeline.labels import training_labels
-from pipeline.metrics import accuracy, map_at_3
+from pipeline.metrics import accuracy, map_at_3, scope_text
 from pipeline.predictions import geometric_mean, probs_frame, read_table, write_table
 from pipeline.trainer import TrainRows, fold_fingerprint, train_fold
 from pipeline.workdir import WorkDir, atomic_write_json, read_json, remove_outputs
@@ -151,12 +151,6 @@ def test_scores(dataset, probs: np.ndarray) -> dict:
     return out
 
 
-def test_scope(result: dict) -> str:
-    """", on 1,600 of 9,400 test clips" when only part of the test set is labelled."""
-    n, total = result.get("test_labelled"), result.get("test_clips")
-    return "" if n is None or n == total else f" on {n:,} of {total:,} test clips"
-
-
 def assemble_predictions(work: WorkDir, model: str, folds: pd.DataFrame, dataset, bad_test: list[str],
                          n_folds: int, wall: float, fingerprint: str = "") -> dict:
     """Join the folds' tables: OOF in folds.csv order, test = geometric mean
@@ -197,9 +191,10 @@ def assemble_predictions(work: WorkDir, model: str, folds: pd.DataFrame, dataset
     }
     result.update(test_scores(dataset, probs))
     atomic_write_json(result, work.model_dir(model) / "summary.json")
+    scope = scope_text(result.get("test_labelled"), result.get("test_clips"))
     ver_text = "" if result["oof_map3_verified"] is None else f" (verified rows {result['oof_map3_verified']:.4f})"
     log.info("%s: OOF MAP@3 %.4f%s%s; %s params, %.0f samples/s", model, result["oof_map3"], ver_text,
-             f", test MAP@3 {result['test_map3']:.4f}{test_scope(result)}" if "test_map3" in result else "",
+             f", test MAP@3 {result['test_map3']:.4f}{scope}" if "test_map3" in result else "",
              f"{result['params']:,}", result["samples_per_second"])
     return result
 

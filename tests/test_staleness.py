@@ -229,6 +229,10 @@ def test_partial_ground_truth_scores_the_labelled_clips(setup, capsys):
     assert summary["test_labelled"] == 5 and summary["test_clips"] == len(data.test_fnames)
     assert "test_map3" in summary
     assert f"on 5 of {len(data.test_fnames)} test clips" in capsys.readouterr().err
+    from pipeline.config import load_config
+    from pipeline.summary import summary_lines
+    lines = summary_lines(load_config(str(preset)), WorkDir(work))
+    assert any(f"on 5 of {len(data.test_fnames)} test clips" in line for line in lines), lines
 
 
 # -- one clear line for an ordinary mistake ------------------------------------------
