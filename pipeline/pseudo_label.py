@@ -79,7 +79,7 @@ from pipeline.cli import run_main, start_stage, timed_stage
 from pipeline.config import ConfigError, model_config, param_hash
 from pipeline.labels import write_labels_table
 from pipeline.metrics import map_at_3
-from pipeline.predictions import geometric_mean, probs_frame, read_table, write_table
+from pipeline.predictions import class_columns, geometric_mean, probs_frame, read_table, write_table
 from pipeline.workdir import WorkDir, atomic_write_bytes, atomic_write_csv, atomic_write_json, read_json
 
 log = logging.getLogger("pseudo_label")
@@ -95,6 +95,8 @@ DEFAULTS = {
     "accept_threshold": 0.5, "final_accept_threshold": 0.1, "relabel_threshold": 0.5,
     "max_iterations": 5, "unresolved_epsilon": [0.1, 0.3],
     "crops": 25, "self_verify_threshold": 0.95, "per_class_cap": 40,
+    "guard": False, "accept_precision": 0.95, "relabel_precision": 0.9, "min_support": 20,
+    "fallback_margin": 0.01,
 }
 
 
@@ -125,6 +127,11 @@ def settings(cfg: dict) -> dict:
     low, high = (float(v) for v in s["unresolved_epsilon"])
     if not 0.0 <= low <= high <= 1.0:
         raise ConfigError(f"pseudo_label.unresolved_epsilon must be [low, high] in [0, 1], got {s['unresolved_epsilon']}")
+    for key in ("accept_precision", "relabel_precision"):
+        if not 0.0 < float(s[key]) <= 1.0:
+            raise ConfigError(f"pseudo_label.{key} must be in (0, 1], got {s[key]!r}")
+    if int(s["min_support"]) < 1:
+        raise ConfigError(f"pseudo_label.min_support must be >= 1, got {s['min_support']!r}")
     if int(s["crops"]) < 1 or int(s["per_class_cap"]) < 1:
         raise ConfigError("pseudo_label.crops and pseudo_label.per_class_cap must be >= 1")
     return s
@@ -185,6 +192,42 @@ def relabel_targets(probs: np.ndarray, given: np.ndarray, candidates: np.ndarray
     p_top = probs[np.arange(len(given)), top]
     hit = np.asarray(candidates, dtype=bool) & (top != given) & (p_top > threshold)
     return np.where(hit, top, -1)
+
+
+def calibrated_threshold(probs: np.ndarray, labels: np.ndarray, precision: float, min_support: int) -> float | None:
+    """The lowest confidence t at which the verifiers' top class is right at
+    least ``precision`` of the time on rows whose label is known to be right
+    (out-of-fold predictions of verified rows), counting only rows with top
+    probability > t and at least ``min_support`` of them; None when no t
+    qualifies. Accepting or relabelling a non-verified row at p > t then has
+    (about) that precision too: a decision the verifiers' own record supports."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=int)
+    if len(labels) < max(1, min_support):
+        return None
+    p_top = probs.max(axis=1)
+    right = top_class(probs) == labels
+    order = np.argsort(-p_top, kind="stable")
+    hits = np.cumsum(right[order])
+    n = np.arange(1, len(order) + 1)
+    ok = (hits / n >= precision) & (n >= min_support)
+    if not ok.any():
+        return None
+    last = int(np.flatnonzero(ok)[-1])            # the largest confident set that is precise enough
+    return float(np.nextafter(p_top[order][last], -np.inf))  # "> t" keeps that row in
+
+
+def guard_thresholds(s: dict, calib_probs: np.ndarray, calib_labels: np.ndarray) -> dict:
+    """Accept / final-accept / relabel thresholds raised to what the verifiers'
+    out-of-fold precision on verified rows supports; a decision it does not
+    support at any confidence is switched off (threshold 1: doubtful rows stay
+    unresolved, i.e. their given label with smoothing)."""
+    support = int(s["min_support"])
+    t_acc = calibrated_threshold(calib_probs, calib_labels, float(s["accept_precision"]), support)
+    t_rel = calibrated_threshold(calib_probs, calib_labels, float(s["relabel_precision"]), support)
+    return {"accept_threshold": max(float(s["accept_threshold"]), 1.0 if t_acc is None else t_acc),
+            "final_accept_threshold": max(float(s["final_accept_threshold"]), 1.0 if t_acc is None else t_acc),
+            "relabel_threshold": max(float(s["relabel_threshold"]), 1.0 if t_rel is None else t_rel),
+            "calibration_rows": int(len(calib_labels))}
 
 
 def decide(probs: np.ndarray, given: np.ndarray, remaining: np.ndarray, final: bool, accept_threshold: float = 0.5,
@@ -315,6 +358,7 @@ class LoopResult:
     table: pd.DataFrame           # the per-iteration table (TABLE_COLUMNS)
     relabelled: int
     final_iteration: int
+    guard: dict | None = None     # thresholds the guard used and the fallback decision (pseudo_label.guard)
 
 
 def verification_loop(folds: pd.DataFrame, classes: list[str], s: dict, runner, out_dir: Path) -> LoopResult:
@@ -339,6 +383,10 @@ def verification_loop(folds: pd.DataFrame, classes: list[str], s: dict, runner, 
     relabel_to = np.full(len(pool_idx), -1, dtype=int)
     mode, cap = s["mode"], int(s["max_iterations"])
     history, rows, final_iteration = [], [], -1
+    guard = {"enabled": True} if s.get("guard") and mode == "verify" else None
+    thresholds = dict(accept_threshold=float(s["accept_threshold"]),
+                      final_accept_threshold=float(s["final_accept_threshold"]),
+                      relabel_threshold=float(s["relabel_threshold"]))
 
     for i in range(cap):
         in_train = ~nonver.copy()
@@ -351,14 +399,17 @@ def verification_loop(folds: pd.DataFrame, classes: list[str], s: dict, runner, 
                          "pool": pd.util.hash_pandas_object(pool_df, index=False).tolist()}, 16)
         state = read_json(iter_dir / "state.json")
         pred_path, crops_path = iter_dir / "predictions.csv", iter_dir / "crops.npy"
+        calib_path = iter_dir / "calibration.csv"
         if (state and state.get("fingerprint") == fp and pred_path.exists()
-                and (mode != "self_verify" or crops_path.exists())):
+                and (mode != "self_verify" or crops_path.exists()) and (guard is None or calib_path.exists())):
             log.info("iteration %d: done before with the same training set (%d rows), reusing its predictions",
                      i, len(train_df))
         else:
             log.info("iteration %d: training %s on %d rows, predicting %d non-verified rows", i,
                      "+".join(s["verifiers"]), len(train_df), len(pool_df))
             probs, crops = runner(i, train_df, pool_df, iter_dir)
+            if getattr(runner, "calibration", None) is not None:
+                write_table(runner.calibration, calib_path)
             write_table(probs_frame(pool_df["fname"], probs, classes, pool_df["fold"]), pred_path)
             if mode == "self_verify":
                 _save_npy(np.asarray(crops, dtype=np.float32), crops_path)
@@ -377,9 +428,10 @@ def verification_loop(folds: pd.DataFrame, classes: list[str], s: dict, runner, 
             if not acc.any() or acc.sum() == remaining.sum():
                 final = True
         else:
-            thresholds = dict(accept_threshold=float(s["accept_threshold"]),
-                              final_accept_threshold=float(s["final_accept_threshold"]),
-                              relabel_threshold=float(s["relabel_threshold"]))
+            if guard is not None and _guard_step(guard, i, folds, given, calib_path, s, thresholds):
+                accepted_at[:], relabel_to[:] = -1, -1   # fall back: every non-verified row keeps its given label
+                final_iteration = i
+                break
             acc, rel = decide(probs, given_pool, remaining, final, **thresholds)
             if not final and (not acc.any() or acc.sum() == remaining.sum()):
                 final = True  # the next round would train on the same set: this one is the last
@@ -416,7 +468,40 @@ def verification_loop(folds: pd.DataFrame, classes: list[str], s: dict, runner, 
             final_labels[pool_idx[j]] = relabel_to[j]
     status[pool_idx] = pool_status
     return LoopResult(final_labels, status, pd.DataFrame(rows, columns=TABLE_COLUMNS),
-                      int((relabel_to >= 0).sum()), final_iteration)
+                      int((relabel_to >= 0).sum()), final_iteration, guard)
+
+
+def _guard_step(guard: dict, iteration: int, folds: pd.DataFrame, given: np.ndarray, calib_path: Path, s: dict,
+                thresholds: dict) -> bool:
+    """The guard's work at one iteration, from the verifiers' out-of-fold
+    predictions of the verified rows (``calibration.csv``): at iteration 0 set
+    the thresholds their precision supports (``thresholds`` is updated in
+    place); later, compare their MAP@3 on the verified rows with iteration 0's
+    -- the accepted rows joined the training set in between, so a drop means
+    they hurt. Returns True to fall back to the given labels."""
+    if not calib_path.exists():
+        log.warning("pseudo_label.guard: %s is missing (an older run): using the configured thresholds", calib_path)
+        return False
+    calib = read_table(calib_path).set_index("fname")
+    ver = folds[(folds["manually_verified"].astype(int) == 1) & folds["fname"].isin(calib.index)]
+    p = calib.loc[ver["fname"], class_columns(calib.reset_index())].to_numpy()
+    y = given[ver.index.to_numpy()]
+    score = map_at_3(y, p) if len(y) else float("nan")
+    guard.setdefault("verified_map3", []).append(score)
+    if iteration == 0:
+        thresholds.update({k: v for k, v in guard_thresholds(s, p, y).items() if k.endswith("threshold")})
+        guard.update(thresholds, calibration_rows=int(len(y)))
+        log.info("guard: on %d verified rows (out of fold) the verifiers' MAP@3 is %.4f; thresholds their "
+                 "precision supports: accept > %.3f, final accept > %.3f, relabel > %.3f (1 = off)", len(y), score,
+                 thresholds["accept_threshold"], thresholds["final_accept_threshold"], thresholds["relabel_threshold"])
+        return False
+    first = guard["verified_map3"][0]
+    if score < first - float(s["fallback_margin"]):
+        guard["fallback"] = (f"iteration {iteration}: MAP@3 on the verified rows fell from {first:.4f} to "
+                             f"{score:.4f} after training on the accepted rows")
+        log.warning("guard: %s: falling back to the given labels with fixed smoothing", guard["fallback"])
+        return True
+    return False
 
 
 def _save_npy(arr: np.ndarray, path: Path) -> None:
@@ -490,9 +575,10 @@ class FoldVerifiers:
         folds_all = sorted(set(train_df["fold"]) | set(pool_df["fold"]))
         train_hash = param_hash(pd.util.hash_pandas_object(train_df, index=False).tolist(), 16)
         pool_hash = param_hash(pd.util.hash_pandas_object(pool_df, index=False).tolist(), 16)
-        all_probs, all_crops = [], []
+        all_probs, all_crops, all_val = [], [], []
         for v, spec in self.specs.items():
             store = self.stores[v]
+            val_probs = np.zeros((len(train_df), n_classes))  # out-of-fold, of the training-set rows
             probs = np.zeros((len(pool_df), n_classes))
             crops = np.zeros((len(pool_df), int(self.s["crops"]), n_classes)) if self.want_crops else None
             for k in folds_all:
@@ -508,6 +594,7 @@ class FoldVerifiers:
                 fp = fold_fingerprint(spec, store.key, train_hash, pool_hash, self.seed, self.data_hash)
                 summary = read_json(fold_dir / "summary.json")
                 done = (summary and summary.get("fingerprint") == fp and (fold_dir / "pred.csv").exists()
+                        and (fold_dir / "val.csv").exists()
                         and (not self.want_crops or (fold_dir / "crops.npy").exists()))
                 if done:
                     log.info("%s iteration %d fold %d: done, skipping", v, iteration, k)
@@ -525,6 +612,7 @@ class FoldVerifiers:
                                         model_cache=self._model_caches.setdefault(v, {}))
                     pred = result.test if result.test is not None else np.zeros((0, n_classes))
                     write_table(probs_frame(pred_fnames, pred, self.classes), fold_dir / "pred.csv")
+                    write_table(probs_frame(val["fname"], result.oof, self.classes), fold_dir / "val.csv")
                     if self.want_crops:
                         _save_npy(predict_crops(fold_dir / "best.keras", spec, store, pred_fnames,
                                                 int(self.s["crops"]), self.seed * 1000 + iteration * 100 + k,
@@ -536,10 +624,16 @@ class FoldVerifiers:
                     if pred_fnames else np.zeros((0, n_classes))
                 if self.want_crops:
                     crops[pmask] = np.load(fold_dir / "crops.npy")
+                vmask = (train_df["fold"] == k).to_numpy()
+                val_probs[vmask] = read_table(fold_dir / "val.csv", self.classes).set_index("fname") \
+                    .loc[train_df.loc[vmask, "fname"], self.classes].to_numpy()
             write_table(probs_frame(pool_df["fname"], probs, self.classes, pool_df["fold"]),
                         iter_dir / v / "predictions.csv")
             all_probs.append(probs)
             all_crops.append(crops)
+            all_val.append(val_probs)
+        # the guard's evidence: how right the ensemble is, out of fold, on rows of the training set
+        self.calibration = probs_frame(train_df["fname"], geometric_mean(all_val), self.classes)
         ensemble = geometric_mean(all_probs) if len(pool_df) else np.zeros((0, n_classes))
         crop_ens = (geometric_mean(all_crops) if len(pool_df) else all_crops[0]) if self.want_crops else None
         return ensemble, crop_ens
@@ -600,6 +694,10 @@ def pseudo_label_stage(cfg: dict, work: WorkDir, folds: pd.DataFrame, classes: l
     low, high = (float(v) for v in s["unresolved_epsilon"])
     eps = assign_epsilon(result.status, eps_v, low, high, int(cfg.get("seed", 2018)))
     table = labels_table(folds, classes, result.final_labels, result.status, eps)
+    if result.guard is not None:
+        summary["guard"] = result.guard
+        if result.guard.get("fallback"):  # verification would hurt here: the given labels, fixed smoothing
+            table = given_labels_table(folds, eps_v, eps_u)
     write_labels_table(work, table, folds)
     atomic_write_csv(result.table, out / "iterations.csv")
     counts = pd.Series(table["status"]).map(lambda st: st.split("@")[0]).value_counts().to_dict()

@@ -525,3 +525,53 @@ def test_real_run_on_a_tiny_dataset(tmp_path):
     assert pl.main(argv) is None
     assert work.labels_csv.read_text() == before
     assert (work.pseudo_dir / "iter0" / "cnn_ref" / "fold0" / "best.keras").stat().st_mtime_ns == stamp
+
+
+# -- the guard (issue 10: verification must not hurt) --------------------------------
+def test_calibrated_threshold_by_hand():
+    # top-class probabilities 0.9, 0.8, 0.7, 0.6, 0.5 (classes 0..4 of 5); right, right, wrong, right, wrong
+    probs = np.stack([peaked(i, p, 5) for i, p in enumerate([0.9, 0.8, 0.7, 0.6, 0.5])])
+    labels = np.array([0, 1, 0, 3, 0])
+    # prefixes by confidence: precision 1, 1, 2/3, 3/4, 3/5
+    t = pl.calibrated_threshold(probs, labels, precision=0.75, min_support=1)
+    assert 0.59 < t < 0.6                      # keeps the 0.6 row: 3 of 4 right
+    assert 0.79 < pl.calibrated_threshold(probs, labels, precision=1.0, min_support=1) < 0.8
+    assert pl.calibrated_threshold(probs, labels, precision=1.0, min_support=3) is None
+    assert pl.calibrated_threshold(probs, labels, precision=0.5, min_support=6) is None   # too few rows
+
+
+class CalibratedRunner(ScriptedRunner):
+    """ScriptedRunner that also reports out-of-fold predictions of the training rows."""
+
+    def __init__(self, tables, calib_right):
+        super().__init__(tables)
+        self.calib_right = calib_right   # per iteration: is the top class of verified rows right?
+
+    def __call__(self, iteration, train_df, pool_df, iter_dir):
+        right = self.calib_right[iteration]
+        rows = [peaked(0, 0.9, 5) if right else peaked(1, 0.9, 5) for _ in range(len(train_df))]
+        self.calibration = pl.probs_frame(train_df["fname"], np.stack(rows), [f"c{i}" for i in range(5)])
+        return super().__call__(iteration, train_df, pool_df, iter_dir)
+
+
+def test_guard_switches_off_decisions_its_record_does_not_support(tmp_path):
+    folds, classes, tables = scripted_problem()
+    s = pl.settings({"pseudo_label": {"guard": True, "min_support": 1, "max_iterations": 3}})
+    # the verifiers get every verified row wrong: no confidence is precise enough
+    result = pl.verification_loop(folds, classes, s, CalibratedRunner(tables, [False, False, False]), tmp_path)
+    assert result.guard["relabel_threshold"] == 1.0 and result.guard["accept_threshold"] == 1.0
+    assert result.relabelled == 0 and set(result.status[2:]) == {pl.UNRESOLVED}
+    assert (tmp_path / "iter0" / "calibration.csv").exists()
+    # without the guard the same tables accept and relabel rows
+    plain = pl.verification_loop(folds, classes, pl.settings({"pseudo_label": {"max_iterations": 3}}),
+                                 ScriptedRunner(tables), tmp_path / "plain")
+    assert plain.relabelled > 0 or any(str(st).startswith("accepted") for st in plain.status)
+
+
+def test_guard_falls_back_when_accepted_rows_hurt(tmp_path):
+    folds, classes, tables = scripted_problem()
+    s = pl.settings({"pseudo_label": {"guard": True, "min_support": 1, "max_iterations": 3}})
+    # right on the verified rows at iteration 0, wrong once accepted rows joined the training set
+    result = pl.verification_loop(folds, classes, s, CalibratedRunner(tables, [True, False, False]), tmp_path)
+    assert "fell from" in result.guard["fallback"]
+    assert result.relabelled == 0 and set(result.status[2:]) == {pl.UNRESOLVED}
