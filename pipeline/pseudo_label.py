@@ -523,6 +523,15 @@ def fold_fingerprint(*args, **kwargs) -> str:
 
 
 def feature_source(cfg: dict, work: WorkDir, spec: dict):
+    """What a verifier reads: the cached feature (or embeddings) a network
+    reads, or for a handcrafted model its features' stores (``.stores``)."""
+    from pipeline.handcrafted import handcrafted_features, is_handcrafted
+    if is_handcrafted(spec):
+        from types import SimpleNamespace
+
+        from pipeline.cache import feature_stores
+        stores = feature_stores(work, cfg, handcrafted_features(spec))
+        return SimpleNamespace(stores=stores, key=param_hash({n: st.key for n, st in stores.items()}, 16))
     from pipeline.train import feature_source as real
     return real(cfg, work, spec)
 
@@ -565,6 +574,10 @@ class FoldVerifiers:
         self.specs = {v: verifier_spec(cfg, v) for v in s["verifiers"]}
         self.stores = {v: feature_source(cfg, work, spec) for v, spec in self.specs.items()}
         self.want_crops = s["mode"] == "self_verify"
+        handcrafted = [v for v, st in self.stores.items() if hasattr(st, "stores")]
+        if self.want_crops and handcrafted:
+            raise ConfigError(f"pseudo_label.mode self_verify predicts random crops; handcrafted verifier(s) "
+                              f"{handcrafted} read whole clips: use mode verify or network verifiers")
         self.data_hash = data_hash
         self.fingerprint = param_hash({"specs": self.specs, "stores": {v: st.key for v, st in self.stores.items()},
                                        "seed": self.seed, "data": data_hash, "crops": int(s["crops"]) if self.want_crops else None}, 16)
@@ -606,10 +619,16 @@ class FoldVerifiers:
                                      verified=np.ones(len(tr), dtype=int))
                     log.info("%s iteration %d fold %d: training on %d rows, validating on %d, predicting %d",
                              v, iteration, k, len(tr), len(val), len(pred_fnames))
-                    result = train_fold(spec, store, rows, val["fname"].tolist(), val["label"].map(cidx).to_numpy(),
-                                        pred_fnames, n_classes, fold_dir, self.seed, k, fp,
-                                        progress=self.progress, val_split="train", test_split="train",
-                                        model_cache=self._model_caches.setdefault(v, {}))
+                    if hasattr(store, "stores"):  # a handcrafted verifier (cheap, and often the strongest)
+                        from pipeline.handcrafted import train_handcrafted_fold
+                        result = train_handcrafted_fold(spec, store.stores, rows, val["fname"].tolist(),
+                                                        val["label"].map(cidx).to_numpy(), pred_fnames, n_classes,
+                                                        fold_dir, self.seed, k, test_split="train", fingerprint=fp)
+                    else:
+                        result = train_fold(spec, store, rows, val["fname"].tolist(),
+                                            val["label"].map(cidx).to_numpy(), pred_fnames, n_classes, fold_dir,
+                                            self.seed, k, fp, progress=self.progress, val_split="train",
+                                            test_split="train", model_cache=self._model_caches.setdefault(v, {}))
                     pred = result.test if result.test is not None else np.zeros((0, n_classes))
                     write_table(probs_frame(pred_fnames, pred, self.classes), fold_dir / "pred.csv")
                     write_table(probs_frame(val["fname"], result.oof, self.classes), fold_dir / "val.csv")

@@ -575,3 +575,26 @@ def test_guard_falls_back_when_accepted_rows_hurt(tmp_path):
     result = pl.verification_loop(folds, classes, s, CalibratedRunner(tables, [True, False, False]), tmp_path)
     assert "fell from" in result.guard["fallback"]
     assert result.relabelled == 0 and set(result.status[2:]) == {pl.UNRESOLVED}
+
+
+def test_handcrafted_verifier_with_the_guard_on_a_tiny_dataset(tmp_path):
+    """A handcrafted model verifies (no Keras), the guard records its thresholds,
+    and labels.csv is written for every row of folds.csv."""
+    from pipeline.features import run_features
+    from pipeline.folds import run_folds
+    data = _tiny_dataset(tmp_path / "data", per_class=12)
+    sets = ["run.models=[]", "stacking.mfcc_feature=null", "feature_extraction.n_jobs=1", "folds.n_folds=2",
+            "pseudo_label.enabled=true", "pseudo_label.verifiers=[stats_lr]", "pseudo_label.max_iterations=2",
+            "pseudo_label.guard=true", "pseudo_label.min_support=5", "labels.source=pseudo"]
+    cfg = load_config("quick", sets)
+    work = WorkDir(tmp_path / "work")
+    run_features(cfg, data, work, progress=False)
+    run_folds(cfg, data, work)
+    from pipeline.dataset import load_dataset
+    folds = pd.read_csv(work.folds_csv, dtype={"fname": str, "label": str})
+    summary = pl.pseudo_label_stage(cfg, work, folds, load_dataset(data).classes, progress=False)
+    guard = summary["guard"]
+    assert guard["calibration_rows"] > 0 and 0.0 <= guard["relabel_threshold"] <= 1.0
+    assert (work.pseudo_dir / "iter0" / "stats_lr" / "fold0" / "model.joblib").exists()
+    labels = pd.read_csv(work.labels_csv, dtype={"fname": str, "label": str})
+    assert labels["fname"].tolist() == folds["fname"].tolist()
