@@ -48,6 +48,22 @@ One switch, ``pseudo_label.mode``, picks the method:
     per class per round (the most confident). No threshold lowering and no
     relabelling at the final iteration.
 
+``guard`` (``pseudo_label.guard: true``; mode ``verify``)
+    Verification must not make the labels worse. The verifiers' out-of-fold
+    predictions of the training-set rows are kept (``iter<i>/calibration.csv``).
+    At iteration 0 (verified rows only) they give the precision of the
+    ensemble's top class at each confidence on rows whose labels are right;
+    the accept and relabel thresholds are raised to the lowest confidence at
+    which that precision reaches ``accept_precision`` / ``relabel_precision``
+    (over at least ``min_support`` rows), and a decision no confidence
+    supports is switched off: those rows stay unresolved (their given label,
+    smoothed). At later iterations (accepted rows in the training set), a
+    MAP@3 on the verified rows more than ``fallback_margin`` below iteration
+    0's means the accepted rows hurt: the stage falls back to the given labels
+    with fixed smoothing, and summary.json says why. Verifiers may be
+    handcrafted models (``stats_lgbm``): cheap, and on small data often the
+    strongest.
+
 The stage is skipped (and says so) when ``pseudo_label.enabled`` is false or
 folds.csv has no non-verified row; then, if ``labels.source`` is ``pseudo``,
 labels.csv is written with the given labels and the fixed smoothing of mode
