@@ -334,6 +334,20 @@ def pseudo_label_table(work) -> pd.DataFrame | None:
     return df[known + [c for c in df.columns if c not in known]]
 
 
+def guard_lines(pseudo_summary: dict) -> list[str]:
+    """What the pseudo-label guard decided (thresholds, or the fallback and why)."""
+    g = pseudo_summary.get("guard")
+    if not g:
+        return []
+    scores = ", ".join(fmt_score(v) for v in g.get("verified_map3", []))
+    if g.get("fallback"):
+        return [f"**Guard: fell back to the given labels with fixed smoothing** ({g['fallback']}).", ""]
+    off = lambda t: "off" if t is None or t >= 1.0 else f"> {t:.3f}"  # noqa: E731
+    return [f"Guard: on {g.get('calibration_rows', 0):,} verified rows the verifiers' out-of-fold MAP@3 per "
+            f"iteration was {scores}; thresholds their precision supports: accept {off(g.get('accept_threshold'))}, "
+            f"final accept {off(g.get('final_accept_threshold'))}, relabel {off(g.get('relabel_threshold'))}.", ""]
+
+
 def timings_table(work) -> pd.DataFrame | None:
     """stage, seconds, share of the total — from timings.json; None when absent."""
     timings = read_json(_as_work(work).timings_json)
@@ -670,6 +684,7 @@ def build_report(work, dataset: Dataset) -> str:
     else:
         fmts = {c: fmt_score for c in pseudo.columns if "map3" in c}
         md += [markdown_table(pseudo, fmts), ""]
+    md += guard_lines(read_json(work.pseudo_dir / "summary.json") or {})
 
     # -- timings --------------------------------------------------------------
     md += ["## Time per stage", ""]

@@ -297,3 +297,14 @@ def test_submission_without_test_labels_and_helpers(tmp_path):
     cm = report.confusion_matrix(final)
     assert cm.to_numpy().sum() == len(final.y)
     assert np.array_equal(cm.to_numpy().sum(axis=1), np.bincount(final.y, minlength=3))
+
+
+def test_guard_lines_say_what_the_guard_decided():
+    from pipeline.report import guard_lines
+    assert guard_lines({}) == []
+    text = " ".join(guard_lines({"guard": {"calibration_rows": 120, "verified_map3": [0.9, 0.91],
+                                           "accept_threshold": 1.0, "final_accept_threshold": 1.0,
+                                           "relabel_threshold": 0.76}}))
+    assert "120 verified rows" in text and "accept off" in text and "relabel > 0.760" in text
+    fell = " ".join(guard_lines({"guard": {"fallback": "iteration 1: MAP@3 on the verified rows fell"}}))
+    assert "fell back to the given labels" in fell and "iteration 1" in fell
