@@ -44,6 +44,8 @@ def tiny_cfg() -> dict:
     cfg["models"]["mla"]["params"] = {"units": 16, "levels": 2, "dropout": 0.1}
     cfg["run"]["models"] = ["vggish", "mla"]
     cfg["stacking"] = {}
+    cfg["pseudo_label"]["enabled"] = False  # these tests are about embeddings: the given labels
+    cfg["labels"] = {"source": "given"}
     return cfg
 
 

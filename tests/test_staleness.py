@@ -41,6 +41,7 @@ PRESET = {
         "lr_b": {"builder": "stats_lr", "features": ["mfcc", "logmel"], "window": 0, "params": {"C": 0.1}},
     },
     "pseudo_label": {"enabled": False},
+    "labels": {"source": "given"},
     "run": {"models": ["lr_a", "lr_b"]},
     "stacking": {"learners": ["mean", "geomean"], "mfcc_feature": None},
 }
