@@ -106,6 +106,9 @@ TRAINING_SETTINGS: dict[str, tuple] = {
     "early_stopping_split": ((str,), None, None, "heldout (the fold's held-out clips) or inner "
                                                  "(a seeded slice of the training folds)"),
     "inner_fraction": (_NUM, 0.0, 0.5, "share of the training clips in the inner early-stopping slice"),
+    "callbacks": ((list, type(None)), None, None, "extra Keras callbacks per fold: [{class: CSVLogger or "
+                                                   "pkg.module.Class, args: {...}}]; '{fold_dir}' in a string "
+                                                   "argument is the fold's folder"),
 }
 _EXCLUSIVE_LOW = {"lr", "lr_factor", "inner_fraction"}
 _CHOICES = {"early_stopping_split": ("heldout", "inner"), "class_weight": (None, "balanced"),
