@@ -42,10 +42,8 @@ def build_model(name, input_shape, n_classes, **params):
 
 
 def default_params(name):
-    """The documented default hyperparameters of model ``name`` (a dict copy)."""
-    if name not in _MODULES:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(BUILDERS))}")
-    return dict(importlib.import_module(_MODULES[name]).DEFAULTS)
+    """The default hyperparameters of model ``name``: its ``build`` signature's (a dict copy)."""
+    return builder_defaults(name)
 
 
 def register_custom_objects():
@@ -61,3 +59,46 @@ def load_model(path, compile=True, **kwargs):
     import keras
 
     return keras.saving.load_model(path, compile=compile, **kwargs)
+
+
+def builder_defaults(name):
+    """A network builder's hyperparameters and defaults, read from its ``build``
+    signature without importing the module (so config checks need no Keras).
+
+    The signature is the one place a model's defaults live."""
+    import ast
+    from pathlib import Path
+
+    if name not in _MODULES:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(BUILDERS))}")
+    if name not in _SIGNATURES:
+        path = Path(__file__).resolve().parent / (_MODULES[name].rsplit(".", 1)[-1] + ".py")
+        tree = ast.parse(path.read_text())
+        fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "build")
+        args = fn.args.args[2:]  # after input_shape, n_classes
+        defaults = fn.args.defaults[-len(args):] if args else []
+        out = {a.arg: _plain(ast.literal_eval(d)) for a, d in zip(args, defaults)}
+        for a, d in zip(fn.args.kwonlyargs, fn.args.kw_defaults):
+            if d is not None:
+                out[a.arg] = _plain(ast.literal_eval(d))
+        _SIGNATURES[name] = out
+    return dict(_SIGNATURES[name])
+
+
+_SIGNATURES: dict = {}
+
+
+def _plain(value):
+    """Tuples as lists: parameters travel through YAML and JSON fingerprints."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def check_param_type(name, key, value, default):
+    """A hyperparameter must have the type of its default (int for float is fine, null default: any)."""
+    if default is None or value is None:
+        return
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list, tuple)}
+    ok = kinds.get(type(default), (type(default),))
+    if not isinstance(value, ok) or (isinstance(value, bool) and bool not in ok):
+        want = "/".join(t.__name__ for t in ok)
+        raise ValueError(f"params.{key}: {value!r} should be {want} (as the default {default!r} of {name})")

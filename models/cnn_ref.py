@@ -20,9 +20,6 @@ from keras import layers
 
 from models._common import make_input, softmax_head
 
-DEFAULTS = dict(filters=(32, 64, 128, 256), dropout=0.2, pooling="avg", l2=0.0)
-
-
 def build(input_shape, n_classes, filters=(32, 64, 128, 256), dropout=0.2,
           pooling="avg", l2=0.0) -> keras.Model:
     """Build the reference CNN; output = class probabilities (batch, n_classes)."""

@@ -48,15 +48,11 @@ from keras import layers
 
 from models._common import make_input, softmax_head
 
-DEFAULTS = dict(width=1.0, blocks=(3, 1, 3), dense_units=1024, dropout=0.0)
-
 BASE_SCALE = 0.55  # Inception-v3 widths x 0.55 gives ~7.7 M params (the paper's size)
-
 
 def _ch(c, scale):
     """Scale an Inception-v3 channel count and round it to a multiple of 8 (>= 8)."""
     return max(8, int(round(c * scale / 8.0)) * 8)
-
 
 def _conv(x, filters, kernel, name, strides=1):
     x = layers.Conv2D(filters, kernel, strides=strides, padding="same",
@@ -64,11 +60,9 @@ def _conv(x, filters, kernel, name, strides=1):
     x = layers.BatchNormalization(scale=False, name=f"{name}_bn")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
-
 def _avgpool_branch(x, filters, name):
     y = layers.AveragePooling2D(3, strides=1, padding="same", name=f"{name}_avgpool")(x)
     return _conv(y, filters, 1, name)
-
 
 def _block_a(x, s, pool_features, name):
     b1 = _conv(x, _ch(64, s), 1, f"{name}_b1")
@@ -80,7 +74,6 @@ def _block_a(x, s, pool_features, name):
     bp = _avgpool_branch(x, _ch(pool_features, s), f"{name}_pool")
     return layers.Concatenate(name=name)([b1, b5, b3, bp])
 
-
 def _reduction_a(x, s, name="reduction_a"):
     b3 = _conv(x, _ch(384, s), 3, f"{name}_b3", strides=2)
     bd = _conv(x, _ch(64, s), 1, f"{name}_b3dbl_1")
@@ -88,7 +81,6 @@ def _reduction_a(x, s, name="reduction_a"):
     bd = _conv(bd, _ch(96, s), 3, f"{name}_b3dbl_3", strides=2)
     bp = layers.MaxPooling2D(3, strides=2, padding="same", name=f"{name}_maxpool")(x)
     return layers.Concatenate(name=name)([b3, bd, bp])
-
 
 def _block_b(x, s, name, c7=128):
     b1 = _conv(x, _ch(192, s), 1, f"{name}_b1")
@@ -103,7 +95,6 @@ def _block_b(x, s, name, c7=128):
     bp = _avgpool_branch(x, _ch(192, s), f"{name}_pool")
     return layers.Concatenate(name=name)([b1, b7, bd, bp])
 
-
 def _reduction_b(x, s, name="reduction_b"):
     b3 = _conv(x, _ch(192, s), 1, f"{name}_b3_1")
     b3 = _conv(b3, _ch(320, s), 3, f"{name}_b3_2", strides=2)
@@ -113,7 +104,6 @@ def _reduction_b(x, s, name="reduction_b"):
     b7 = _conv(b7, _ch(192, s), 3, f"{name}_b7_4", strides=2)
     bp = layers.MaxPooling2D(3, strides=2, padding="same", name=f"{name}_maxpool")(x)
     return layers.Concatenate(name=name)([b3, b7, bp])
-
 
 def _block_c(x, s, name):
     b1 = _conv(x, _ch(320, s), 1, f"{name}_b1")
@@ -130,7 +120,6 @@ def _block_c(x, s, name):
     ])
     bp = _avgpool_branch(x, _ch(192, s), f"{name}_pool")
     return layers.Concatenate(name=name)([b1, b3, bd, bp])
-
 
 def build(input_shape, n_classes, width=1.0, blocks=(3, 1, 3), dense_units=1024,
           dropout=0.0) -> keras.Model:

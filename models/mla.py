@@ -33,9 +33,6 @@ from keras import layers, ops
 
 from models._common import make_input, softmax_head
 
-DEFAULTS = dict(units=600, levels=3, dropout=0.4, attention_activation="sigmoid")
-
-
 @keras.saving.register_keras_serializable(package="audio_tagging")
 class AttentionPooling(layers.Layer):
     """Attention pooling over the instance axis: (batch, n, d) -> (batch, n_classes).
@@ -81,7 +78,6 @@ class AttentionPooling(layers.Layer):
         config.update(n_classes=self.n_classes, epsilon=self.epsilon,
                       attention_activation=self.attention_activation)
         return config
-
 
 def build(input_shape, n_classes, units=600, levels=3, dropout=0.4,
           attention_activation="sigmoid") -> keras.Model:

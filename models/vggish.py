@@ -38,9 +38,6 @@ from keras import layers
 
 from models._common import softmax_head
 
-DEFAULTS = dict(hidden=100, width=1.0, embedding_size=128, checkpoint=None,
-                trainable_embedding=True, dropout=0.0)
-
 # (layer name, base channels) in order; "pool" entries are 2x2 max pools.
 _CONV_PLAN = (("conv1", 64), ("pool1", None), ("conv2", 128), ("pool2", None),
               ("conv3_1", 256), ("conv3_2", 256), ("pool3", None),
@@ -49,10 +46,8 @@ _FC_PLAN = (("fc1_1", 4096), ("fc1_2", 4096))
 LAYER_NAMES = ("conv1", "conv2", "conv3_1", "conv3_2", "conv4_1", "conv4_2",
                "fc1_1", "fc1_2", "fc2")
 
-
 def _scaled(c, width):
     return max(1, int(round(c * float(width))))
-
 
 def build_vggish_embedding(input_shape=(96, 64), width=1.0, embedding_size=128,
                            name="vggish") -> keras.Model:
@@ -78,7 +73,6 @@ def build_vggish_embedding(input_shape=(96, 64), width=1.0, embedding_size=128,
     # No activation: the reference embedding is the pre-activation fc2 output.
     x = layers.Dense(int(embedding_size), activation=None, name="fc2")(x)
     return keras.Model(inputs, x, name=name)
-
 
 def build(input_shape, n_classes, hidden=100, width=1.0, embedding_size=128,
           checkpoint=None, trainable_embedding=True, dropout=0.0) -> keras.Model:

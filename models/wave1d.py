@@ -39,10 +39,6 @@ from keras import layers
 
 from models._common import make_input, softmax_head
 
-DEFAULTS = dict(widths=(48, 96, 192, 384), blocks_per_width=2, first_kernel=80,
-                first_stride=4, pool=4, dropout=0.0)
-
-
 def _conv_bn(x, filters, kernel, name, strides=1, relu=True):
     x = layers.Conv1D(filters, kernel, strides=strides, padding="same",
                       use_bias=False, name=f"{name}_conv")(x)
@@ -50,7 +46,6 @@ def _conv_bn(x, filters, kernel, name, strides=1, relu=True):
     if relu:
         x = layers.Activation("relu", name=f"{name}_relu")(x)
     return x
-
 
 def _res_block(x, width, name):
     shortcut = x
@@ -62,7 +57,6 @@ def _res_block(x, width, name):
     y = _conv_bn(y, width, 3, f"{name}_b", relu=False)
     y = layers.Add(name=name)([y, shortcut])
     return layers.Activation("relu", name=f"{name}_relu")(y)
-
 
 def build(input_shape, n_classes, widths=(48, 96, 192, 384), blocks_per_width=2,
           first_kernel=80, first_stride=4, pool=4, dropout=0.0) -> keras.Model:

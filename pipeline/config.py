@@ -1,19 +1,29 @@
-"""Configuration: YAML presets (``config/quick.yaml``, ``config/full.yaml``).
+"""Loading a configuration: schema defaults, a preset over them, ``--set`` on top.
 
-A preset groups settings by concern (audio, features, folds, training,
-models, labels, pseudo_label, stacking). Stage scripts load one preset and
-may override single values from the command line with ``--set a.b=value``.
+The settings, their defaults and docs are in :mod:`pipeline.settings` (the
+defaults are the ``quick`` settings); a preset (``config/<name>.yaml``, or a
+path) holds only what differs, and may say ``inherit: other``. Every layer is
+validated as it is applied, so an error names the file or the ``--set`` that
+brought the bad key. The result is a plain dict with every default filled in.
+
+    python -m pipeline.config --preset quick [--set key=value ...]
+
+prints the resolved config with each setting's doc.
 """
 from __future__ import annotations
 
+import argparse
 import copy
+import re
+import sys
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from pipeline.fingerprints import param_hash  # noqa: F401  (re-exported: caches import it from here)
+from pipeline.settings import Config, Training, describe_error
 
-import re
 _SCIENTIFIC = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
@@ -22,179 +32,150 @@ class ConfigError(ValueError):
     """A preset is missing, malformed or names something unknown."""
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` over ``base``, recursively for mappings; neither is modified."""
     out = copy.deepcopy(base)
-    for key, value in override.items():
+    for key, value in (override or {}).items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _numbers(value):
+    """YAML 1.1 reads 1e-4 (no dot) as a string; every such string is a number."""
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def _apply_override(cfg: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set expects key.path=value, got {assignment!r}")
     dotted, raw = assignment.split("=", 1)
-    keys = dotted.strip().split(".")
+    keys = [k.strip() for k in dotted.strip().split(".")]
     node = cfg
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {key!r} is not a section")
-    value = yaml.safe_load(raw)
-    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
-        value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
-    node[keys[-1]] = value
+            raise ConfigError(f"--set {dotted.strip()}: {key!r} is not a section")
+    node[keys[-1]] = _numbers(yaml.safe_load(raw))
 
 
-def load_config(name_or_path: str | Path = "quick", overrides: list[str] | None = None,
-                validate: bool = True) -> dict:
-    """Load a preset by name (``quick``) or by YAML path, then apply overrides.
-
-    A preset may say ``inherit: other`` to start from another preset.
-    """
+def _preset_path(name_or_path) -> Path:
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise ConfigError(f"config {name_or_path!r} not found (known presets: {', '.join(known)})")
-    with open(path) as fh:
-        cfg = yaml.safe_load(fh) or {}
-    if not isinstance(cfg, dict):
+    return path
+
+
+def _preset_layers(name_or_path, seen=()) -> list[tuple[str, dict]]:
+    """[(source, settings)] from the farthest ``inherit`` ancestor to the preset itself."""
+    path = _preset_path(name_or_path)
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: inherit loops back to itself")
+    try:
+        with open(path) as fh:
+            layer = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(layer, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    parent = cfg.pop("inherit", None)
-    if parent:
-        base = load_config(parent, validate=False)
-        base.pop("preset", None)  # the child's own name, not the parent's
-        cfg = _deep_merge(base, cfg)
-    if validate:
-        check_settings(cfg, source=str(path))
+    layer = _numbers(layer)
+    parent = layer.pop("inherit", None)
+    layer.pop("preset", None)
+    above = _preset_layers(parent, seen + (path.resolve(),)) if parent else []
+    return above + [(str(path), layer)]
+
+
+def defaults() -> dict:
+    """Every setting at its default (the ``quick`` values)."""
+    return Config().model_dump()
+
+
+def resolve(cfg: dict, source: str = "config") -> dict:
+    """Validate a (partial) config over the defaults; the plain dict with every default filled in."""
+    try:
+        return Config.model_validate(deep_merge(defaults(), cfg)).model_dump()
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {describe_error(exc)}") from None
+
+
+def load_config(name_or_path: str | Path = "quick", overrides: list[str] | None = None) -> dict:
+    """Load a preset by name (``quick``) or by YAML path, then apply ``--set`` overrides."""
+    layers = _preset_layers(name_or_path)
+    merged = defaults()
+    for source, layer in layers:
+        merged = deep_merge(merged, layer)
+        resolve(merged, source)
     for assignment in overrides or []:
-        _apply_override(cfg, assignment)
-    if validate and overrides:
-        check_settings(cfg, source="--set " + " ".join(overrides))
-    cfg.setdefault("preset", path.stem)
-    return cfg
-
-
-# -- validation ------------------------------------------------------------
-# The training section's settings: name -> (accepted types, lower bound, upper bound, one-line doc).
-# None as a bound: unbounded; None in the types: the setting may be null.
-_NUM = (int, float)
-TRAINING_SETTINGS: dict[str, tuple] = {
-    "epochs": ((int,), 1, None, "training epochs per fold"),
-    "batch_size": ((int,), 1, None, "clips per batch"),
-    "steps_per_epoch": ((int, type(None)), 1, None, "null: one pass over the training clips"),
-    "lr": (_NUM, 0.0, None, "Adam learning rate"),
-    "lr_factor": (_NUM, 0.0, 1.0, "reduce-on-plateau factor"),
-    "lr_patience": ((int,), 1, None, "epochs without gain before the LR is reduced"),
-    "min_lr": (_NUM, 0.0, None, "floor of the learning rate"),
-    "early_stop_patience": ((int,), 1, None, "epochs without gain before the fold stops"),
-    "mixup_alpha": (_NUM, 0.0, None, "Beta(a, a) mixup; 0 disables"),
-    "spec_augment": ((dict, type(None)), None, None, "time/frequency masks for 2D inputs"),
-    "class_weight": ((str, type(None)), None, None, "null or balanced"),
-    "smoothing_verified": (_NUM + (type(None),), 0.0, 1.0, "label smoothing of verified rows"),
-    "smoothing_unverified": (_NUM + (type(None),), 0.0, 1.0, "label smoothing of non-verified rows"),
-    "loss_masking": (_NUM + (type(None),), 0.0, 1.0, "null or the masking ratio"),
-    "eval_hop_fraction": (_NUM, 0.0, 1.0, "sliding-window hop at inference, fraction of the window"),
-    "eval_batch_size": ((int,), 1, None, "windows per inference batch"),
-    "strict_determinism": ((bool,), None, None, "TF op determinism"),
-    "bn_momentum": (_NUM + (type(None),), 0.0, 1.0, "BatchNorm momentum (null: the builder's)"),
-    "batch_policy": ((str, type(None)), None, None, "balanced or unbalanced"),
-    "early_stopping_split": ((str,), None, None, "heldout (the fold's held-out clips) or inner "
-                                                 "(a seeded slice of the training folds)"),
-    "inner_fraction": (_NUM, 0.0, 0.5, "share of the training clips in the inner early-stopping slice"),
-    "callbacks": ((list, type(None)), None, None, "extra Keras callbacks per fold: [{class: CSVLogger or "
-                                                   "pkg.module.Class, args: {...}}]; '{fold_dir}' in a string "
-                                                   "argument is the fold's folder"),
-}
-_EXCLUSIVE_LOW = {"lr", "lr_factor", "inner_fraction"}
-_CHOICES = {"early_stopping_split": ("heldout", "inner"), "class_weight": (None, "balanced"),
-            "batch_policy": (None, "balanced", "unbalanced")}
-
-
-def _closest(name: str, known) -> str:
-    import difflib
-    near = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
-    return f" (did you mean {', '.join(near)}?)" if near else f" (known: {', '.join(sorted(known))})"
-
-
-def _check_value(where: str, value, types, lo, hi, source: str) -> None:
-    # bool is an int subclass: True must not pass as an epoch count
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        names = "/".join("null" if t is type(None) else t.__name__ for t in types)
-        raise ConfigError(f"{source}: {where} = {value!r}: expected {names}")
-    if isinstance(value, _NUM) and not isinstance(value, bool):
-        exclusive = where.rsplit(".", 1)[-1] in _EXCLUSIVE_LOW
-        if lo is not None and (value < lo or (exclusive and value == lo)):
-            raise ConfigError(f"{source}: {where} = {value!r}: must be {'>' if exclusive else '>='} {lo}")
-        if hi is not None and value > hi:
-            raise ConfigError(f"{source}: {where} = {value!r}: must be <= {hi}")
-
-
-def _check_training(section, where: str, source: str) -> None:
-    if section is None:
-        return
-    if not isinstance(section, dict):
-        raise ConfigError(f"{source}: {where} must be a mapping")
-    for key, value in section.items():
-        if key not in TRAINING_SETTINGS:
-            raise ConfigError(f"{source}: unknown setting {where}.{key}{_closest(key, TRAINING_SETTINGS)}")
-        types, lo, hi, _doc = TRAINING_SETTINGS[key]
-        _check_value(f"{where}.{key}", value, types, lo, hi, source)
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise ConfigError(f"{source}: {where}.{key} = {value!r}: must be one of "
-                              f"{', '.join('null' if c is None else c for c in _CHOICES[key])}")
-
-
-def check_settings(cfg: dict, source: str = "config") -> None:
-    """Types and ranges of the settings a long run depends on, so a typo or
-    a bad value stops the run in its first second with the key named."""
-    seed = cfg.get("seed", 2018)
-    _check_value("seed", seed, (int,), 0, None, source)
-    folds = cfg.get("folds") or {}
-    if not isinstance(folds, dict):
-        raise ConfigError(f"{source}: folds must be a mapping")
-    unknown = set(folds) - {"n_folds"}
-    if unknown:
-        raise ConfigError(f"{source}: unknown setting folds.{sorted(unknown)[0]} (known: n_folds)")
-    _check_value("folds.n_folds", folds.get("n_folds", 5), (int,), 2, None, source)
-    _check_training(cfg.get("training"), "training", source)
-    models = cfg.get("models") or {}
-    for name, spec in models.items():
-        if not isinstance(spec, dict):
-            raise ConfigError(f"{source}: models.{name} must be a mapping")
-        _check_training(spec.get("train"), f"models.{name}.train", source)
-        if "window" in spec:
-            _check_value(f"models.{name}.window", spec["window"], (int,), 0, None, source)
-    pl = cfg.get("pseudo_label") or {}
-    if isinstance(pl, dict):
-        _check_training(pl.get("train"), "pseudo_label.train", source)
-        for name, spec in (pl.get("models") or {}).items():
-            if isinstance(spec, dict):
-                _check_training(spec.get("train"), f"pseudo_label.models.{name}.train", source)
-    run_models = (cfg.get("run") or {}).get("models") or []
-    if not isinstance(run_models, list):
-        raise ConfigError(f"{source}: run.models must be a list of model names")
-    for m in run_models:
-        if m not in models:
-            raise ConfigError(f"{source}: run.models names {m!r}, which models does not define"
-                              f"{_closest(str(m), models)}")
+        _apply_override(merged, assignment)
+        resolve(merged, f"--set {assignment}")
+    merged["preset"] = _preset_path(name_or_path).stem
+    return resolve(merged)
 
 
 def model_config(cfg: dict, model: str) -> dict:
-    """The full settings of one model: the shared ``training`` defaults
+    """The full settings of one model: the shared ``training`` settings
     overridden by the model's own ``train`` section."""
     models = cfg.get("models", {})
     if model not in models:
         raise ConfigError(f"model {model!r} is not defined in the preset (defined: {', '.join(models)})")
     spec = copy.deepcopy(models[model])
-    spec["train"] = _deep_merge(cfg.get("training", {}), spec.get("train", {}))
-    spec.setdefault("builder", model)
+    train = deep_merge(cfg.get("training") or {}, spec.get("train") or {})
+    try:
+        spec["train"] = Training.model_validate(train).model_dump()
+    except ValidationError as exc:
+        raise ConfigError(f"models.{model}.train: {describe_error(exc, model=Training)}") from None
+    spec["builder"] = spec.get("builder") or model
     spec.setdefault("params", {})
     spec["name"] = model
     return spec
 
 
+def verifier_config(cfg: dict, name: str) -> dict:
+    """Full settings of one pseudo-label verifier: a model of ``models`` or of
+    ``pseudo_label.models`` (verifier-only entries), with ``pseudo_label.train``
+    over its training settings."""
+    pl = cfg.get("pseudo_label") or {}
+    merged = dict(cfg)
+    merged["models"] = {**(cfg.get("models") or {}), **(pl.get("models") or {})}
+    if name in merged["models"]:
+        merged["models"][name] = deep_merge(merged["models"][name],
+                                            {"train": deep_merge(merged["models"][name].get("train") or {},
+                                                                 pl.get("train") or {})})
+    return model_config(merged, name)
+
+
+# ---------------------------------------------------------------- the printout
+def describe(cfg: dict) -> str:
+    """The resolved config as YAML, each setting followed by its doc."""
+    from pipeline.settings import describe_config
+    return describe_config(cfg)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.config",
+                                description="Print a preset's resolved settings with each one's doc.")
+    p.add_argument("--preset", "--config", dest="preset", default="quick", help="preset name or YAML path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.preset, args.set)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(describe(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
