@@ -1,11 +1,13 @@
 """Tests of ``pipeline/report.py``: the report stage on a synthetic work
 directory (every table the other stages write, made up here, so no training
-runs), with and without the optional parts.
+runs), with and without the optional parts. Its library,
+``pipeline/reporting/``, has unit tests in tests/test_reporting.py.
 
 ``make_run`` is also used by tests/test_notebooks.py.
 """
 from __future__ import annotations
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -15,7 +17,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from pipeline import report
+from pipeline import report, reporting
 from pipeline.cli import run_main
 from pipeline.dataset import load_dataset
 from pipeline.metrics import map_at_3, map_at_k_labels, per_class_map_at_3
@@ -287,20 +289,20 @@ def test_submission_without_test_labels_and_helpers(tmp_path):
     data, work = make_run(tmp_path, pseudo=False, test_labels=False, audio=False)
     text = run_stage(data, work)
     assert "No test_labels.csv in the dataset" in section(text, "Submission")
-    final = report.final_oof(work)
+    final = reporting.final_oof(work)
     assert final.name == "logreg" and final.classes == CLASSES
-    wrong = report.most_wrong(final, 5)
+    wrong = reporting.most_wrong(final, 5)
     p_given = final.probs[np.arange(len(final.y)), final.y]
     assert np.allclose(wrong["p_given"], np.sort(p_given)[:5])
     assert set(wrong.columns) >= {"fname", "given", "verified", "p_given", "top3"}
     assert all(len(t.split()) == 3 for t in wrong["top3"])
-    cm = report.confusion_matrix(final)
+    cm = reporting.confusion_matrix(final)
     assert cm.to_numpy().sum() == len(final.y)
     assert np.array_equal(cm.to_numpy().sum(axis=1), np.bincount(final.y, minlength=3))
 
 
 def test_guard_lines_say_what_the_guard_decided():
-    from pipeline.report import guard_lines
+    from pipeline.reporting import guard_lines
     assert guard_lines({}) == []
     text = " ".join(guard_lines({"guard": {"calibration_rows": 120, "verified_map3": [0.9, 0.91],
                                            "accept_threshold": 1.0, "final_accept_threshold": 1.0,
@@ -308,3 +310,33 @@ def test_guard_lines_say_what_the_guard_decided():
     assert "120 verified rows" in text and "accept off" in text and "relabel > 0.760" in text
     fell = " ".join(guard_lines({"guard": {"fallback": "iteration 1: MAP@3 on the verified rows fell"}}))
     assert "fell back to the given labels" in fell and "iteration 1" in fell
+
+
+STAGE_MODULES = {"pipeline.features", "pipeline.folds", "pipeline.pseudo_label", "pipeline.train",
+                 "pipeline.embeddings", "pipeline.report", "pipeline.summary", "stacking.stack"}
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_the_stage_and_its_library_import_no_stage_module():
+    root = Path(report.__file__).parent
+    files = [root / "report.py", *sorted((root / "reporting").glob("*.py"))]
+    for path in files:
+        assert not _imports(path) & STAGE_MODULES, path
+
+
+def test_the_stage_keeps_the_names_older_callers_import():
+    # notebooks/results.ipynb and tests/test_selection.py import these from pipeline.report
+    for name in ("Scores", "collect_scores", "final_oof", "models_score_table", "stacking_score_table",
+                 "stacking_selection_lines", "per_class_table", "plot_per_class", "plot_confusion", "most_wrong",
+                 "pseudo_label_table", "timings_table", "confusion_matrix", "guard_lines"):
+        assert getattr(report, name) is getattr(reporting, name), name
