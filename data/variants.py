@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data.common import other_label, swap_into_place
 from pipeline.dataset import DatasetError, load_dataset
 
 log = logging.getLogger("data.variants")
@@ -138,11 +139,8 @@ def make_fsdd_hard(source, out, seed: int, per_class: int = 30, unverified: floa
         unv_sorted = sorted(unv)
         n_wrong = int(round(wrong * n_unv))
         bad = set(rng.choice(unv_sorted, size=n_wrong, replace=False).tolist()) if n_wrong else set()
-        others = [c for c in classes if c != cls]
         for f in picked:
-            label = cls
-            if f in bad:
-                label = others[int(rng.integers(len(others)))]
+            label = other_label(rng, classes, cls) if f in bad else cls
             rows.append({"fname": f, "label": label, "manually_verified": 0 if f in unv else 1, "clean": cls})
     if short:
         log.warning("%d class(es) have fewer than %d clips; all of theirs were taken: %s",
@@ -194,9 +192,7 @@ def make_fsdd_hard(source, out, seed: int, per_class: int = 30, unverified: floa
                 lab["usage"] = lab["fname"].map(ds.test_usage)
             lab.to_csv(tmp / "test_labels.csv", index=False, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
         (tmp / MARKER).write_text(json.dumps(recipe, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)       # an empty folder or, with --force, an earlier variant (links only)
-        os.rename(tmp, out_abs)
+        swap_into_place(tmp, out_abs)  # replaces an empty folder or, with --force, an earlier variant (links only)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

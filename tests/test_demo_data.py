@@ -1,4 +1,4 @@
-"""Tests of the demo dataset builder (`data/build_demo.py`).
+"""Tests of the demo dataset builder (`python -m data.build_demo`, package `data.demo`).
 
 A reduced build (8 train + 2 test clips per class) keeps the suite fast; the
 rendering path, label noise, hard cases and caching are the same as for the
@@ -19,14 +19,15 @@ import pytest
 import soundfile as sf
 
 from data import build_demo
+from data.demo import build, hard_cases, plan, render
 
 SMALL = {"clips_per_class": 8, "test_clips_per_class": 2}
 
 
 def _renderer_available() -> bool:
     try:
-        build_demo.find_fluidsynth()
-        build_demo.find_soundfont()
+        render.find_fluidsynth()
+        render.find_soundfont()
     except RuntimeError:
         return False
     return True
@@ -92,12 +93,12 @@ def test_durations_in_range_except_planted_short_clip(built):
                 info = sf.info(str(path))
             except sf.LibsndfileError:
                 continue  # the planted corrupt file, checked in test_hard_cases
-            if info.duration < build_demo.MIN_DURATION_S:
+            if info.duration < plan.MIN_DURATION_S:
                 short.append((split, info.duration))
             else:
-                assert info.duration <= build_demo.MAX_DURATION_S, path
+                assert info.duration <= plan.MAX_DURATION_S, path
     assert len(short) == 1 and short[0][0] == "train"
-    assert short[0][1] == pytest.approx(build_demo.SHORT_CLIP_S, abs=0.01)
+    assert short[0][1] == pytest.approx(hard_cases.SHORT_CLIP_S, abs=0.01)
 
 
 @needs_renderer
@@ -120,15 +121,15 @@ def test_hard_cases(built):
     assert len(stereo) == 1 and all(info.channels in (1, 2) for info in infos.values())
     left_right, _ = sf.read(str(built / "audio_train" / stereo[0][1]))
     assert not np.allclose(left_right[:, 0], left_right[:, 1]), "the stereo file should not be dual mono"
-    rates = sorted(info.samplerate for info in infos.values() if info.samplerate != build_demo.SAMPLE_RATE)
+    rates = sorted(info.samplerate for info in infos.values() if info.samplerate != render.SAMPLE_RATE)
     assert rates == [16000, 44100]
     subtypes = sorted(info.subtype for info in infos.values() if info.subtype != "PCM_16")
     assert subtypes == ["FLOAT", "PCM_24"]
 
     readme = (built / "README.md").read_text()
     odd_files = [corrupt] + [name for (_, name), info in infos.items()
-                             if info.channels == 2 or info.samplerate != build_demo.SAMPLE_RATE
-                             or info.subtype != "PCM_16" or info.duration < build_demo.MIN_DURATION_S]  # fmt: skip
+                             if info.channels == 2 or info.samplerate != render.SAMPLE_RATE
+                             or info.subtype != "PCM_16" or info.duration < plan.MIN_DURATION_S]  # fmt: skip
     assert len(odd_files) == 7
     assert all(name in readme for name in odd_files)
 
@@ -140,12 +141,12 @@ def test_label_noise(built):
     assert set(clean) == {row["fname"] for row in noisy}
     unverified = [row for row in noisy if row["manually_verified"] == "0"]
     assert {row["manually_verified"] for row in noisy} == {"0", "1"}
-    assert len(unverified) / len(noisy) == pytest.approx(build_demo.UNVERIFIED_SHARE, abs=0.02)
+    assert len(unverified) / len(noisy) == pytest.approx(plan.UNVERIFIED_SHARE, abs=0.02)
     for row in noisy:
         if row["manually_verified"] == "1":
             assert row["label"] == clean[row["fname"]], "verified rows must carry the true label"
     wrong = [row for row in unverified if row["label"] != clean[row["fname"]]]
-    assert len(wrong) == round(build_demo.WRONG_LABEL_SHARE * len(unverified))
+    assert len(wrong) == round(plan.WRONG_LABEL_SHARE * len(unverified))
     assert all(row["label"] in set(clean.values()) for row in wrong)
 
 
@@ -161,15 +162,15 @@ def test_same_seed_rebuild_is_identical(built, tmp_path):
 
 
 def test_other_seed_gives_other_dataset():
-    first = build_demo._plan(2018, **SMALL)[0]
-    second = build_demo._plan(7, **SMALL)[0]
+    first = plan.make_plan(2018, **SMALL).clips
+    second = plan.make_plan(7, **SMALL).clips
     assert [clip.fname for clip in first] != [clip.fname for clip in second]
-    assert [clip.fname for clip in first] == [clip.fname for clip in build_demo._plan(2018, **SMALL)[0]]
+    assert [clip.fname for clip in first] == [clip.fname for clip in plan.make_plan(2018, **SMALL).clips]
 
 
 @needs_renderer
 def test_cache_hit_is_fast_and_untouched(built):
-    marker = built / build_demo.MARKER_NAME
+    marker = built / build.MARKER_NAME
     before = marker.stat().st_mtime_ns
     started = time.perf_counter()
     assert build_demo.build_demo_dataset(built, seed=2018, **SMALL) == built
@@ -187,21 +188,21 @@ def test_cli_reuses_cache_and_prints_path(built, capsys):
 def test_half_built_directory_is_rebuilt(built, tmp_path):
     half = tmp_path / "half"
     shutil.copytree(built, half)
-    (half / build_demo.MARKER_NAME).unlink()
+    (half / build.MARKER_NAME).unlink()
     victim = next((half / "audio_train").iterdir())
     victim.unlink()
-    assert not build_demo.is_complete(half, build_demo.build_params(2018, **SMALL))
+    assert not build.is_complete(half, build.build_params(2018, **SMALL))
     build_demo.build_demo_dataset(half, seed=2018, **SMALL)
-    assert build_demo.is_complete(half, build_demo.build_params(2018, **SMALL))
+    assert build.is_complete(half, build.build_params(2018, **SMALL))
     assert victim.is_file()
     assert not list(tmp_path.glob(".half.building-*")) and not list(tmp_path.glob(".half.old-*"))
 
 
 @needs_renderer
 def test_different_parameters_are_not_a_cache_hit(built):
-    assert build_demo.is_complete(built, build_demo.build_params(2018, **SMALL))
-    assert not build_demo.is_complete(built, build_demo.build_params(2019, **SMALL))
-    assert not build_demo.is_complete(built, build_demo.build_params(2018, clips_per_class=9, test_clips_per_class=2))
+    assert build.is_complete(built, build.build_params(2018, **SMALL))
+    assert not build.is_complete(built, build.build_params(2019, **SMALL))
+    assert not build.is_complete(built, build.build_params(2018, clips_per_class=9, test_clips_per_class=2))
 
 
 def test_refuses_to_replace_a_foreign_directory(tmp_path):
@@ -212,7 +213,7 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
 
 
 def test_missing_fluidsynth_names_the_debian_packages(tmp_path, monkeypatch):
-    monkeypatch.setattr(build_demo.shutil, "which", lambda name: None)
+    monkeypatch.setattr(render.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="apt-get install fluidsynth fluid-soundfont-gm"):
         build_demo.build_demo_dataset(tmp_path / "data", **SMALL)
     assert not (tmp_path / "data").exists()
@@ -221,24 +222,8 @@ def test_missing_fluidsynth_names_the_debian_packages(tmp_path, monkeypatch):
 
 def test_missing_soundfont_names_the_debian_package(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="fluid-soundfont-gm"):
-        build_demo.find_soundfont(tmp_path / "missing.sf2")
-    monkeypatch.setattr(build_demo, "SOUNDFONT_CANDIDATES", (tmp_path / "none.sf2",))
+        render.find_soundfont(tmp_path / "missing.sf2")
+    monkeypatch.setattr(render, "SOUNDFONT_CANDIDATES", (tmp_path / "none.sf2",))
     with pytest.raises(RuntimeError, match="apt-get install fluidsynth fluid-soundfont-gm"):
-        build_demo.find_soundfont()
+        render.find_soundfont()
 
-
-def test_midi_variable_length_quantities():
-    # Examples from the Standard MIDI File specification.
-    assert build_demo._variable_length(0x00) == b"\x00"
-    assert build_demo._variable_length(0x40) == b"\x40"
-    assert build_demo._variable_length(0x80) == b"\x81\x00"
-    assert build_demo._variable_length(0x3FFF) == b"\xff\x7f"
-    assert build_demo._variable_length(0x200000) == b"\x81\x80\x80\x00"
-
-
-def test_midi_file_structure():
-    clips = build_demo._plan(2018, **SMALL)[0]
-    data = build_demo._midi_bytes(clips)
-    assert data[:4] == b"MThd" and data[14:18] == b"MTrk"
-    assert int.from_bytes(data[18:22], "big") == len(data) - 22
-    assert data.endswith(b"\xff\x2f\x00")
