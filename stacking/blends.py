@@ -7,6 +7,10 @@ entry of the score table is produced, and scored, the same way
 one non-negative weight per model on the training rows, and is scored by the
 same cross-validation (its weights are refit on the other folds' rows for
 every held-out fold).
+
+Every blend reads the models' (n, K) blocks of the level-2 array through
+the ``layout`` it is constructed with (:class:`stacking.base.Level2Layout`);
+extra feature columns are ignored.
 """
 from __future__ import annotations
 
@@ -18,21 +22,20 @@ from scipy.special import log_softmax
 from scipy.stats import rankdata
 
 from pipeline.predictions import geometric_mean, normalize_rows
-from stacking.base import EPS, Level2Estimator, row_weights
+from stacking.base import EPS, Level2Estimator, Level2Layout, check_sample_weight
 
 
 class Blend(Level2Estimator):
     """Base of the blends. ``weights``: dict model -> weight (missing models
     weigh 0 and must not all be 0), or None for equal weights."""
 
-    kind = "blend"
-
-    def __init__(self, weights: Mapping[str, float] | None = None):
+    def __init__(self, layout: Level2Layout | None = None, weights: Mapping[str, float] | None = None):
+        self.layout = layout
         self.weights = weights
 
-    def fit(self, X_models, y=None, sample_weight=None, *, extra=None, verified=None):
-        """Record the models (and check the weights name them); nothing is learnt."""
-        self._check_models(X_models, fitting=True)
+    def fit(self, X, y=None, sample_weight=None):
+        """Record the layout (and check the weights name its models); nothing is learnt."""
+        self._check_X(X, fitting=True)
         self._weight_vector(self.models_)
         return self
 
@@ -47,8 +50,8 @@ class Blend(Level2Estimator):
             raise ValueError(f"blend weights must be finite, >= 0 and not all 0; got {dict(self.weights)}")
         return w
 
-    def predict_proba(self, X_models, *, extra=None) -> np.ndarray:
-        mats = self._check_models(X_models, fitting=False)
+    def predict_proba(self, X) -> np.ndarray:
+        mats = self.layout.probabilities(self._check_X(X, fitting=False))
         return self._combine(mats, self._weight_vector(self.models_))
 
     def _combine(self, mats: list[np.ndarray], w: np.ndarray) -> np.ndarray:
@@ -97,26 +100,23 @@ class LearnedGeometricBlend(Level2Estimator):
     instead of an equal vote. M parameters, so it needs no inner CV.
 
     ``l2``: ridge penalty pulling ``a`` towards equal weights with the same
-    sum (0: none); ``unverified_weight``: weight of non-verified rows (None: 1).
+    sum (0: none). ``sample_weight`` (fit) weighs the rows' log-losses.
     """
 
-    kind = "blend"
-
-    def __init__(self, l2: float = 0.0, unverified_weight: float | None = None, max_iter: int = 500):
+    def __init__(self, layout: Level2Layout | None = None, l2: float = 0.0, max_iter: int = 500):
+        self.layout = layout
         self.l2 = l2
-        self.unverified_weight = unverified_weight
         self.max_iter = max_iter
 
     @staticmethod
     def _logs(mats: list[np.ndarray]) -> np.ndarray:
         return np.stack([np.log(np.clip(p, EPS, 1.0)) for p in mats])
 
-    def fit(self, X_models, y, sample_weight=None, *, extra=None, verified=None):
-        mats = self._check_models(X_models, fitting=True)
-        L = self._logs(mats)
+    def fit(self, X, y, sample_weight=None):
+        L = self._logs(self.layout.probabilities(self._check_X(X, fitting=True)))
         M, n, K = L.shape
         y = self._check_y(y, n)
-        w = row_weights(n, sample_weight, verified, self.unverified_weight)
+        w = check_sample_weight(sample_weight, n)
         sw = np.ones(n) if w is None else w
         sw = sw / sw.sum()
         onehot = np.zeros((n, K))
@@ -144,10 +144,6 @@ class LearnedGeometricBlend(Level2Estimator):
         self.weights_ = dict(zip(self.models_, map(float, a / a.sum())))
         return self
 
-    def predict_proba(self, X_models, *, extra=None) -> np.ndarray:
-        L = self._logs(self._check_models(X_models, fitting=False))
+    def predict_proba(self, X) -> np.ndarray:
+        L = self._logs(self.layout.probabilities(self._check_X(X, fitting=False)))
         return np.exp(log_softmax(np.tensordot(self.coef_, L, axes=1), axis=1))
-
-
-BLENDS = {"mean": MeanBlend, "geomean": GeometricMeanBlend, "rank": RankBlend}
-LEARNED_BLENDS = {"learned": LearnedGeometricBlend}

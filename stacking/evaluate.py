@@ -2,44 +2,33 @@
 
 A stacker scored on rows it was fit on looks far better than it is, so this
 module offers no "fit, then score the same rows" path: blends and stackers
-are only ever scored through :func:`cross_validated_predictions`, which fits
-on the shared folds' other folds and predicts the held-out fold, for every
-fold. Single models are scored on their own OOF tables (no fitting). Test
-predictions come from :func:`fit_final` (fit on all OOF rows, applied to the
-test tables: different clips).
+are only ever scored through :func:`cross_validated_predictions`, which is
+scikit-learn's ``cross_val_predict`` over ``PredefinedSplit(folds)``: a clone
+of the learner is fit on the shared folds' other folds (with their rows'
+sample weights) and predicts the held-out fold, for every fold. Any inner
+cross-validation (regularisation) happens inside the learner's ``fit``, on
+its training rows only. Single models are scored on their own OOF tables
+(no fitting). Test predictions come from :func:`fit_final` (fit on all OOF
+rows, applied to the test tables: different clips).
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from sklearn.base import clone
+from sklearn.model_selection import PredefinedSplit, cross_val_predict
 
 from pipeline.metrics import accuracy, map_at_3, precision_at_rank
 from pipeline.predictions import normalize_rows
 from stacking.base import Level2Estimator
-from stacking.blends import Blend
-from stacking.inputs import StackInputs
+from stacking.inputs import Level2Inputs
 
 log = logging.getLogger("stacking")
-
-LearnerFactory = Callable[[], Level2Estimator] | Level2Estimator
-
-
-def _new_learner(factory: LearnerFactory) -> Level2Estimator:
-    """A fresh, unfitted learner: an estimator is cloned, a callable called."""
-    learner = clone(factory) if isinstance(factory, Level2Estimator) else factory()
-    if not isinstance(learner, Level2Estimator):
-        raise TypeError(f"learner factory returned {type(learner).__name__}, not a Level2Estimator")
-    return learner
-
-
-def _rows(X_models: Mapping[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
-    return {m: p[idx] for m, p in X_models.items()}
 
 
 def _checked(proba, n_rows: int, n_classes: int, what: str) -> np.ndarray:
@@ -50,42 +39,49 @@ def _checked(proba, n_rows: int, n_classes: int, what: str) -> np.ndarray:
     return normalize_rows(proba)
 
 
-def cross_validated_predictions(learner_factory: LearnerFactory, inputs: StackInputs) -> np.ndarray:
-    """Level-2 OOF probabilities (n, K): for each fold k of ``folds.csv`` a
-    fresh learner is fit on the rows with fold != k and predicts the rows with
-    fold == k, so no row is ever predicted by a learner that saw its label."""
+def _check_learner(learner) -> Level2Estimator:
+    if not isinstance(learner, Level2Estimator):
+        raise TypeError(f"a level-2 learner must be an unfitted Level2Estimator, got {type(learner).__name__}")
+    return learner
+
+
+def _fit_params(inputs: Level2Inputs) -> dict:
+    return {} if inputs.sample_weight is None else {"sample_weight": inputs.sample_weight}
+
+
+def cross_validated_predictions(learner: Level2Estimator, inputs: Level2Inputs) -> np.ndarray:
+    """Level-2 OOF probabilities (n, K) by ``cross_val_predict`` over
+    ``PredefinedSplit(folds)``: for each fold k of ``folds.csv`` a clone of
+    ``learner`` is fit on the rows with fold != k (and their sample weights)
+    and predicts the rows with fold == k, so no row is ever predicted by a
+    learner that saw its label."""
+    _check_learner(learner)
     n, k = len(inputs.y), len(inputs.classes)
     folds = np.asarray(inputs.folds)
     if len(np.unique(folds)) < 2:
         raise ValueError("cross-validation needs at least 2 folds in folds.csv")
-    out = np.full((n, k), np.nan)
-    for fold in np.unique(folds):
-        fit_idx, held_idx = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
-        learner = _new_learner(learner_factory)
-        learner.fit(_rows(inputs.oof, fit_idx), inputs.y[fit_idx],
-                    extra=None if inputs.extra is None else inputs.extra[fit_idx],
-                    verified=inputs.verified[fit_idx])
-        proba = learner.predict_proba(_rows(inputs.oof, held_idx),
-                                      extra=None if inputs.extra is None else inputs.extra[held_idx])
-        out[held_idx] = _checked(proba, len(held_idx), k, f"{type(learner).__name__} fold {fold}")
-    return out
+    if (folds < 0).any():
+        raise ValueError("every row needs a fold >= 0 (each row is predicted once, from its own fold)")
+    # cross_val_predict label-encodes y before fitting: the class indices pass
+    # unchanged only when every class is among the labels
+    missing = np.setdiff1d(np.arange(k), inputs.y)
+    if len(missing):
+        raise ValueError(f"class(es) {[inputs.classes[i] for i in missing]} have no row in the level-2 "
+                         "inputs: a level-2 learner cannot be cross-validated without them")
+    proba = cross_val_predict(learner, inputs.X_oof, inputs.y, cv=PredefinedSplit(folds),
+                              method="predict_proba", params=_fit_params(inputs))
+    return _checked(proba, n, k, f"{type(learner).__name__} (cross-validated)")
 
 
-def learner_kind(learner: Level2Estimator) -> str:
-    """``blend`` or ``stacker`` (the estimator's ``kind``; Blend subclasses are blends)."""
-    return getattr(learner, "kind", None) or ("blend" if isinstance(learner, Blend) else "stacker")
-
-
-def fit_final(learner_factory: LearnerFactory, inputs: StackInputs, return_learner: bool = False):
-    """Test probabilities (n_test, K) of a learner fit on ALL OOF rows
-    (and the fitted learner with ``return_learner``)."""
-    if not inputs.test:
+def fit_final(learner: Level2Estimator, inputs: Level2Inputs, return_learner: bool = False):
+    """Test probabilities (n_test, K) of a clone of ``learner`` fit on ALL OOF
+    rows (and the fitted clone with ``return_learner``)."""
+    if inputs.X_test is None:
         raise ValueError("no test tables loaded")
-    learner = _new_learner(learner_factory)
-    learner.fit(inputs.oof, inputs.y, extra=inputs.extra, verified=inputs.verified)
-    proba = learner.predict_proba(inputs.test, extra=inputs.test_extra)
-    proba = _checked(proba, len(inputs.test_fnames), len(inputs.classes), f"{type(learner).__name__} (test)")
-    return (proba, learner) if return_learner else proba
+    fitted = clone(_check_learner(learner)).fit(inputs.X_oof, inputs.y, **_fit_params(inputs))
+    proba = _checked(fitted.predict_proba(inputs.X_test), len(inputs.test_fnames), len(inputs.classes),
+                     f"{type(learner).__name__} (test)")
+    return (proba, fitted) if return_learner else proba
 
 
 def label_indices_for_test(test_fnames: Sequence[str], test_labels: pd.DataFrame | None,
@@ -210,18 +206,20 @@ def add_differences(ev: Evaluation, reference: str, se_kind: str = "max") -> Eva
     return ev
 
 
-def evaluate(inputs: StackInputs, learners: Mapping[str, LearnerFactory], test_y: np.ndarray | None = None,
-             with_test: bool = True, reference: str | None = None, se_kind: str = "max") -> Evaluation:
+def evaluate(inputs: Level2Inputs, learners: Mapping[str, Level2Estimator], test_y: np.ndarray | None = None,
+             with_test: bool = True, reference: str | None = None, se_kind: str = "max",
+             kinds: Mapping[str, str] | None = None) -> Evaluation:
     """Score every single model, then every blend/stacker in ``learners``
-    (name -> factory or unfitted estimator), all on cross-validated OOF rows;
-    with ``with_test`` also produce each one's test probabilities (and score
-    them when ``test_y`` is given).
+    (name -> unfitted estimator; ``kinds`` name -> blend | stacker, from the
+    registry; unnamed ones are listed as stackers), all on cross-validated
+    OOF rows; with ``with_test`` also produce each one's test probabilities
+    (and score them when ``test_y`` is given).
 
     Columns of ``scores``: name, kind, map3_all, map3_all_se (fold-level SE),
     map3_verified, map3_verified_se, accuracy_all, map3_all_se_rows (row-level
     SE); with ``reference`` the paired columns of :func:`add_differences`;
     with ``test_y`` map3_test and map3_test_se (row-level) last."""
-    clash = sorted(set(learners) & set(inputs.oof))
+    clash = sorted(set(learners) & set(inputs.model_names))
     if clash:
         raise ValueError(f"learner name(s) {clash} are also model names: rename them")
     if test_y is not None and not with_test:
@@ -241,15 +239,16 @@ def evaluate(inputs: StackInputs, learners: Mapping[str, LearnerFactory], test_y
         rows.append({"name": name, "kind": kind,
                      **_score(inputs.y, inputs.verified, folds, proba, test_y, test_proba)})
 
-    for model, proba in inputs.oof.items():
-        add(model, "model", proba, inputs.test[model] if with_test else None)
-    for name, factory in learners.items():
+    kinds = dict(kinds or {})
+    for model in inputs.model_names:
+        add(model, "model", inputs.oof(model), inputs.test(model) if with_test else None)
+    for name, learner in learners.items():
         start = time.time()
-        kind = learner_kind(_new_learner(factory))
-        proba = cross_validated_predictions(factory, inputs)
+        kind = kinds.get(name, "stacker")
+        proba = cross_validated_predictions(learner, inputs)
         test_proba = None
         if with_test:
-            test_proba, ev.fitted[name] = fit_final(factory, inputs, return_learner=True)
+            test_proba, ev.fitted[name] = fit_final(learner, inputs, return_learner=True)
         add(name, kind, proba, test_proba)
         log.info("%s (%s): cv MAP@3 %.4f +- %.4f (%.1f s)", name, kind, rows[-1]["map3_all"],
                  rows[-1]["map3_all_se"], time.time() - start)

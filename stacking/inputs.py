@@ -4,9 +4,15 @@ Every model's OOF table must cover exactly the clips of ``folds.csv``, with
 the same fold per clip: a table made with other folds would let a stacker
 see predictions from models that trained on the rows it is scored on. Every
 refusal is a ``StackInputError`` (a ``ValueError``) naming the model.
+
+The result is a :class:`Level2Inputs`: the OOF and test probabilities as
+two arrays (models side by side, plus optional per-clip feature columns)
+with their column metadata (:class:`stacking.base.Level2Layout`), the
+labels, the shared folds and the row weights.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -16,6 +22,7 @@ import pandas as pd
 from pipeline.folds import load_folds
 from pipeline.predictions import class_columns
 from pipeline.workdir import WorkDir
+from stacking.base import Level2Layout, as_extra, check_sample_weight, verified_weights
 
 
 class StackInputError(ValueError):
@@ -23,24 +30,111 @@ class StackInputError(ValueError):
 
 
 @dataclass
-class StackInputs:
-    """Level-1 predictions aligned to ``folds.csv`` order (train) and
-    sample_submission order (test)."""
-    fnames: list[str]
+class Level2Inputs:
+    """Level-1 predictions as level-2 arrays, rows aligned to ``folds.csv``
+    order (train) and sample_submission order (test); ``layout`` names the
+    columns (``model:class`` probabilities, model-major, then extra per-clip
+    features such as MFCC statistics)."""
+    layout: Level2Layout
+    X_oof: np.ndarray                  # (n, M*K + F)
     y: np.ndarray                      # (n,) int class indices
+    folds: np.ndarray                  # (n,) int fold per row (folds.csv)
+    fnames: list[str]
     verified: np.ndarray               # (n,) bool
-    folds: np.ndarray                  # (n,) int
-    classes: list[str]
-    oof: dict[str, np.ndarray]         # model -> (n, K)
-    test: dict[str, np.ndarray] = field(default_factory=dict)   # model -> (n_test, K)
+    sample_weight: np.ndarray | None = None   # (n,) fit weights of the rows (None: all 1)
+    X_test: np.ndarray | None = None   # (n_test, M*K + F), None without test tables
     test_fnames: list[str] = field(default_factory=list)
-    extra: np.ndarray | None = None        # optional per-clip features (n, F), e.g. MFCC statistics
-    test_extra: np.ndarray | None = None   # the same for the test clips (n_test, F)
-    extra_names: list[str] | None = None
+
+    def __post_init__(self):
+        self.X_oof = self.layout.check(self.X_oof)
+        n = self.X_oof.shape[0]
+        self.y = np.asarray(self.y, dtype=int)
+        self.folds = np.asarray(self.folds, dtype=int)
+        self.verified = np.asarray(self.verified, dtype=bool)
+        for name in ("y", "folds", "verified"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"level-2 inputs: {name} has shape {getattr(self, name).shape}, expected ({n},)")
+        if len(self.fnames) != n:
+            raise ValueError(f"level-2 inputs: {len(self.fnames)} fnames for {n} rows")
+        self.sample_weight = check_sample_weight(self.sample_weight, n)
+        if self.X_test is not None:
+            self.X_test = self.layout.check(self.X_test)
+            if len(self.test_fnames) != self.X_test.shape[0]:
+                raise ValueError(f"level-2 inputs: {len(self.test_fnames)} test fnames for "
+                                 f"{self.X_test.shape[0]} test rows")
 
     @property
-    def models(self) -> list[str]:
-        return list(self.oof)
+    def model_names(self) -> list[str]:
+        return list(self.layout.models)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.layout.classes)
+
+    @property
+    def columns(self) -> list[str]:
+        return self.layout.columns
+
+    @property
+    def extra_names(self) -> list[str]:
+        return list(self.layout.extra)
+
+    def oof(self, model: str) -> np.ndarray:
+        """One model's (n, K) OOF probabilities."""
+        return np.ascontiguousarray(self.X_oof[:, self.layout.model_slice(model)])
+
+    def test(self, model: str) -> np.ndarray:
+        """One model's (n_test, K) test probabilities."""
+        if self.X_test is None:
+            raise ValueError("no test tables loaded")
+        return np.ascontiguousarray(self.X_test[:, self.layout.model_slice(model)])
+
+    def with_extra(self, extra, test_extra=None, names: Sequence[str] | None = None) -> "Level2Inputs":
+        """These inputs with per-clip feature columns (n, F) appended (replacing
+        any there were); ``test_extra`` (n_test, F) is required with test tables."""
+        ex = as_extra(extra, len(self.y))
+        names = [f"extra{j}" for j in range(ex.shape[1])] if names is None else list(names)
+        if len(names) != ex.shape[1]:
+            raise ValueError(f"{len(names)} names for {ex.shape[1]} extra feature column(s)")
+        layout = self.layout.with_extra(names)
+        p = self.layout.n_probability_columns
+        X_oof = np.concatenate([self.X_oof[:, :p], ex], axis=1)
+        X_test = None
+        if self.X_test is not None:
+            if test_extra is None:
+                raise ValueError("test tables are loaded: their extra features (test_extra) are needed too")
+            tx = as_extra(test_extra, self.X_test.shape[0])
+            if tx.shape[1] != ex.shape[1]:
+                raise ValueError(f"{tx.shape[1]} extra test column(s) for {ex.shape[1]} extra train column(s)")
+            X_test = np.concatenate([self.X_test[:, :p], tx], axis=1)
+        return dataclasses.replace(self, layout=layout, X_oof=X_oof, X_test=X_test)
+
+    def with_unverified_weight(self, unverified_weight: float | None) -> "Level2Inputs":
+        """These inputs with non-verified rows weighing ``unverified_weight`` (None: every row 1)."""
+        return dataclasses.replace(self, sample_weight=verified_weights(self.verified, unverified_weight))
+
+
+def level2_inputs(oof: dict[str, np.ndarray], y, folds, classes: Sequence[str], *, fnames=None, verified=None,
+                  test: dict[str, np.ndarray] | None = None, test_fnames=None, extra=None, test_extra=None,
+                  extra_names=None, unverified_weight: float | None = None) -> Level2Inputs:
+    """:class:`Level2Inputs` from per-model (n, K) matrices (dict order is
+    the column order); ``fnames`` default to row numbers, ``verified`` to all."""
+    models = list(oof)
+    layout = Level2Layout(tuple(models), tuple(classes))
+    n = len(y)
+    verified = np.ones(n, dtype=bool) if verified is None else verified
+    X_test = None
+    if test:
+        if set(test) != set(models):
+            raise ValueError(f"test tables for {sorted(test)}, OOF tables for {sorted(models)}")
+        X_test = layout.join([test[m] for m in models])
+        test_fnames = [f"test{i}" for i in range(X_test.shape[0])] if test_fnames is None else list(test_fnames)
+    inputs = Level2Inputs(layout=layout, X_oof=layout.join([oof[m] for m in models]), y=y, folds=folds,
+                          fnames=[f"row{i}" for i in range(n)] if fnames is None else list(fnames),
+                          verified=verified, X_test=X_test, test_fnames=list(test_fnames or []))
+    if extra is not None:
+        inputs = inputs.with_extra(extra, test_extra, extra_names)
+    return inputs.with_unverified_weight(unverified_weight)
 
 
 def _examples(items, k: int = 5) -> str:
@@ -132,12 +226,14 @@ def _read(path, model: str, what: str) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"fname": str})
 
 
-def load_stack_inputs(work: WorkDir, models: Sequence[str], classes: Sequence[str] | None = None,
-                      test_fnames: Sequence[str] | None = None, require_test: bool = True) -> StackInputs:
+def load_level2_inputs(work: WorkDir, models: Sequence[str], classes: Sequence[str] | None = None,
+                       test_fnames: Sequence[str] | None = None, require_test: bool = True,
+                       unverified_weight: float | None = None) -> Level2Inputs:
     """Join the listed models' OOF (and test) tables against ``folds.csv``.
 
     ``classes`` defaults to the first model's class columns; ``test_fnames``
-    (sample_submission order) to the first model's test table.
+    (sample_submission order) to the first model's test table. Non-verified
+    rows weigh ``unverified_weight`` (None: every row weighs 1).
     """
     if not models:
         raise StackInputError("no models to stack")
@@ -165,10 +261,8 @@ def load_stack_inputs(work: WorkDir, models: Sequence[str], classes: Sequence[st
         if test_fnames is None:
             test_fnames = test_frames[models[0]]["fname"].tolist()
         test = {m: check_test_table(m, df, test_fnames, classes) for m, df in test_frames.items()}
-    return StackInputs(
-        fnames=folds["fname"].tolist(),
-        y=folds["label"].map(index).to_numpy(dtype=int),
-        verified=folds["manually_verified"].astype(int).to_numpy() == 1,
-        folds=folds["fold"].to_numpy(dtype=int),
-        classes=classes, oof=oof, test=test,
-        test_fnames=list(test_fnames) if test_fnames is not None else [])
+    return level2_inputs(
+        oof, y=folds["label"].map(index).to_numpy(dtype=int), folds=folds["fold"].to_numpy(dtype=int),
+        classes=classes, fnames=folds["fname"].tolist(),
+        verified=folds["manually_verified"].astype(int).to_numpy() == 1, test=test,
+        test_fnames=list(test_fnames) if test_fnames is not None else [], unverified_weight=unverified_weight)

@@ -1,14 +1,23 @@
-"""Level-2 learners fit on out-of-fold probabilities (scikit-learn style).
+"""Level-2 stackers fit on out-of-fold probabilities, and the learner registry.
 
-``fit(X_models, y, sample_weight=None, *, extra=None, verified=None)`` /
-``predict_proba(X_models, *, extra=None)``, with ``X_models`` a dict
-model -> (n, K) probabilities (see :mod:`stacking.base`). They must only ever
-be fit on out-of-fold predictions; :mod:`stacking.evaluate` is the one place
-that fits and scores them, always on disjoint rows.
+Stackers are scikit-learn classifiers on the level-2 array (see
+:mod:`stacking.base`): ``fit(X, y, sample_weight=None)`` / ``predict_proba(X)``,
+with the array's columns described by the ``layout`` they are constructed
+with. They must only ever be fit on out-of-fold predictions;
+:mod:`stacking.evaluate` is the one place that fits and scores them, always
+on disjoint rows.
+
+:data:`REGISTRY` is the one list of level-2 learners the stage knows: name ->
+:class:`LearnerSpec` (kind, and a factory that builds the unfitted estimator
+from the resolved ``stacking`` settings, the layout and the seed). The
+stage scores the registered learners (those ``stacking.learners`` names
+when given, else all, in registration order); adding a learner is one
+:func:`register` call.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy.optimize import minimize
@@ -18,7 +27,8 @@ from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from stacking.base import EPS, Level2Estimator, as_extra, expand_proba, row_weights
+from stacking.base import EPS, Level2Estimator, Level2Layout, check_sample_weight, expand_proba
+from stacking.blends import GeometricMeanBlend, LearnedGeometricBlend, MeanBlend, RankBlend
 
 
 def inner_splits(y: np.ndarray, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -71,17 +81,17 @@ class LogisticFusion(Level2Estimator):
     only, lowest row-weighted held-out log-loss), then refit on all training
     rows with the chosen ``C_``; ``inner_scores_`` holds C -> inner log-loss.
 
-    ``unverified_weight``: weight of non-verified rows (when ``verified`` is
-    passed to fit); None weighs every row 1.
+    ``sample_weight`` (fit) weighs the rows' log-losses, in the inner CV too.
+    Extra feature columns of the layout are ignored.
     """
 
-    def __init__(self, C: float | Sequence[float] = 1.0, per_model_weights: bool = False,
-                 class_bias: bool = False, unverified_weight: float | None = None, max_iter: int = 1000,
+    def __init__(self, layout: Level2Layout | None = None, C: float | Sequence[float] = 1.0,
+                 per_model_weights: bool = False, class_bias: bool = False, max_iter: int = 1000,
                  inner_folds: int = 3, random_state: int = 0):
+        self.layout = layout
         self.C = C
         self.per_model_weights = per_model_weights
         self.class_bias = class_bias
-        self.unverified_weight = unverified_weight
         self.max_iter = max_iter
         self.inner_folds = inner_folds
         self.random_state = random_state
@@ -95,11 +105,11 @@ class LogisticFusion(Level2Estimator):
         return [(lp - mu) / sd for lp, mu, sd in zip(logs, self.log_mean_, self.log_std_)]
 
     # -- fitting -------------------------------------------------------------
-    def fit(self, X_models, y, sample_weight=None, *, extra=None, verified=None):
-        mats = self._check_models(X_models, fitting=True)
+    def fit(self, X, y, sample_weight=None):
+        mats = self.layout.probabilities(self._check_X(X, fitting=True))
         n = mats[0].shape[0]
         y = self._check_y(y, n)
-        w = row_weights(n, sample_weight, verified, self.unverified_weight)
+        w = check_sample_weight(sample_weight, n)
         Z = np.stack(self._standardised(mats, fitting=True))  # (M, n, K)
         Cs = [float(c) for c in _grid(self.C)]
         if any(not np.isfinite(c) or c <= 0 for c in Cs):
@@ -166,17 +176,17 @@ class LogisticFusion(Level2Estimator):
         res = minimize(loss_grad, theta0, jac=True, method="L-BFGS-B", options={"maxiter": self.max_iter})
         return res.x[:M], (res.x[M:] if self.class_bias else np.zeros(K))
 
-    def predict_proba(self, X_models, *, extra=None) -> np.ndarray:
-        Z = self._standardised(self._check_models(X_models, fitting=False), fitting=False)
+    def predict_proba(self, X) -> np.ndarray:
+        Z = self._standardised(self.layout.probabilities(self._check_X(X, fitting=False)), fitting=False)
         return self._predict_once(self._state, np.stack(Z))
 
 
 class LightGBMStacker(Level2Estimator):
-    """Gradient-boosted shallow trees on the concatenated out-of-fold
-    probabilities plus optional per-clip features (``extra``, e.g. MFCC
-    statistics; NaN allowed for clips without them) — the meta-learner of the
-    1st public LB system. Non-verified rows weigh ``unverified_weight`` (None:
-    all rows weigh 1). Deterministic for a given ``random_state``.
+    """Gradient-boosted shallow trees on every column of the level-2 array:
+    the concatenated out-of-fold probabilities plus the layout's optional
+    per-clip features (e.g. MFCC statistics; NaN allowed for clips without
+    them) — the meta-learner of the 1st public LB system. ``sample_weight``
+    (fit) weighs the rows. Deterministic for a given ``random_state``.
 
     ``inner_folds`` >= 2: regularisation chosen by inner cross-validation over
     the TRAINING rows only: for every (``num_leaves``, ``min_child_samples``)
@@ -190,11 +200,12 @@ class LightGBMStacker(Level2Estimator):
     with ``n_estimators`` trees and single values.
     """
 
-    def __init__(self, n_estimators: int = 200, learning_rate: float = 0.05, max_depth: int = 3,
-                 num_leaves: int | Sequence[int] = 8, min_child_samples: int | Sequence[int] = 20,
-                 reg_lambda: float = 1.0, colsample_bytree: float = 1.0, unverified_weight: float | None = 0.6,
-                 n_jobs: int = 1, random_state: int = 2018, inner_folds: int = 0,
+    def __init__(self, layout: Level2Layout | None = None, n_estimators: int = 200, learning_rate: float = 0.05,
+                 max_depth: int = 3, num_leaves: int | Sequence[int] = 8,
+                 min_child_samples: int | Sequence[int] = 20, reg_lambda: float = 1.0,
+                 colsample_bytree: float = 1.0, n_jobs: int = 1, random_state: int = 2018, inner_folds: int = 0,
                  early_stopping_rounds: int = 30, scale_trees: bool = True):
+        self.layout = layout
         self.n_estimators = n_estimators
         self.learning_rate = learning_rate
         self.max_depth = max_depth
@@ -202,22 +213,11 @@ class LightGBMStacker(Level2Estimator):
         self.min_child_samples = min_child_samples
         self.reg_lambda = reg_lambda
         self.colsample_bytree = colsample_bytree
-        self.unverified_weight = unverified_weight
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.inner_folds = inner_folds
         self.early_stopping_rounds = early_stopping_rounds
         self.scale_trees = scale_trees
-
-    def _design(self, mats: list[np.ndarray], extra, fitting: bool) -> np.ndarray:
-        n = mats[0].shape[0]
-        ex = as_extra(extra, n)
-        width = 0 if ex is None else ex.shape[1]
-        if fitting:
-            self.n_extra_ = width
-        elif width != self.n_extra_:
-            raise ValueError(f"LightGBMStacker was fit with {self.n_extra_} extra feature(s), got {width}")
-        return np.concatenate(mats + ([ex] if ex is not None else []), axis=1)
 
     def _candidates(self) -> list[dict]:
         leaves, mcs = [int(v) for v in _grid(self.num_leaves)], [int(v) for v in _grid(self.min_child_samples)]
@@ -259,14 +259,13 @@ class LightGBMStacker(Level2Estimator):
             n_trees = min(self.n_estimators, int(np.ceil(n_trees * self.inner_folds / (self.inner_folds - 1))))
         return best[1], n_trees
 
-    def fit(self, X_models, y, sample_weight=None, *, extra=None, verified=None):
+    def fit(self, X, y, sample_weight=None):
         import lightgbm as lgb
 
         grid = self._candidates()
-        mats = self._check_models(X_models, fitting=True)
-        X = self._design(mats, extra, fitting=True)
+        X = self._check_X(X, fitting=True)
         y = self._check_y(y, X.shape[0])
-        w = row_weights(X.shape[0], sample_weight, verified, self.unverified_weight)
+        w = check_sample_weight(sample_weight, X.shape[0])
         if self.inner_folds >= 2 and len(np.unique(y)) > 1:
             params, n_trees = self._inner_cv(X, y, w, grid)
         else:
@@ -281,10 +280,61 @@ class LightGBMStacker(Level2Estimator):
         self.booster_.fit(X, y, sample_weight=w)
         return self
 
-    def predict_proba(self, X_models, *, extra=None) -> np.ndarray:
-        mats = self._check_models(X_models, fitting=False)
-        proba = self.booster_.predict_proba(self._design(mats, extra, fitting=False))
+    def predict_proba(self, X) -> np.ndarray:
+        proba = self.booster_.predict_proba(self._check_X(X, fitting=False))
         return expand_proba(proba, self.booster_.classes_, self.n_classes_)
 
 
-LEARNERS = {"logreg": LogisticFusion, "lightgbm": LightGBMStacker}
+# ---------------------------------------------------------------------------
+# the registry
+KINDS = ("blend", "stacker")
+
+#: ``factory(settings, layout, seed) -> unfitted estimator``; ``settings`` is the
+#: resolved ``stacking`` section (blend ``weights`` already restricted to the stacked models)
+LearnerFactory = Callable[[dict, Level2Layout, int], Level2Estimator]
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """One registered level-2 learner."""
+    name: str
+    kind: str                      # blend | stacker (how the score table lists it)
+    factory: LearnerFactory
+    extra_features: bool = False   # it uses the per-clip features (the stage then loads them)
+
+    def build(self, settings: dict, layout: Level2Layout, seed: int) -> Level2Estimator:
+        learner = self.factory(settings, layout, seed)
+        if not isinstance(learner, Level2Estimator):
+            raise TypeError(f"learner {self.name!r}: factory returned {type(learner).__name__}, "
+                            "not a Level2Estimator")
+        return learner
+
+
+REGISTRY: dict[str, LearnerSpec] = {}
+
+
+def register(name: str, kind: str, factory: LearnerFactory, extra_features: bool = False) -> LearnerSpec:
+    """Add a learner to :data:`REGISTRY` (after the ones already there)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a learner needs a non-empty name, got {name!r}")
+    if name in REGISTRY:
+        raise ValueError(f"learner {name!r} is already registered")
+    if kind not in KINDS:
+        raise ValueError(f"learner {name!r}: kind must be one of {KINDS}, got {kind!r}")
+    spec = LearnerSpec(name, kind, factory, extra_features)
+    REGISTRY[name] = spec
+    return spec
+
+
+def registered_learners() -> list[str]:
+    """The registered learners' names, in registration order."""
+    return list(REGISTRY)
+
+
+register("mean", "blend", lambda s, layout, seed: MeanBlend(layout, weights=s["weights"] or None))
+register("geomean", "blend", lambda s, layout, seed: GeometricMeanBlend(layout, weights=s["weights"] or None))
+register("rank", "blend", lambda s, layout, seed: RankBlend(layout, weights=s["weights"] or None))
+register("learned", "blend", lambda s, layout, seed: LearnedGeometricBlend(layout, **s["learned"]))
+register("logreg", "stacker", lambda s, layout, seed: LogisticFusion(layout, random_state=seed, **s["logreg"]))
+register("lightgbm", "stacker", lambda s, layout, seed: LightGBMStacker(layout, random_state=seed, **s["lightgbm"]),
+         extra_features=True)

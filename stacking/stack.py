@@ -23,14 +23,17 @@ report record the rule, the default and the numbers behind the choice.
 
 Settings (preset section ``stacking:``, every key optional):
   models             models to stack (default: run.models that have OOF and test tables)
-  learners           subset of mean, geomean, rank, learned, logreg, lightgbm (default: all)
+  learners           subset of the registered learners (stacking.learners.REGISTRY: mean, geomean,
+                     rank, learned, logreg, lightgbm), scored in the order given (default: all, in
+                     registration order)
   final              "auto" (default: the switch rule above), "best" (the old rule: highest
                      cross-validated map3_all, noise and all) or a model/blend/learner name (forced)
   default            the default final learner of the rule (default "learned"; when it is not
                      scored, the first of ``learners``)
   switch_margin_se   k of the rule: switch only when diff_vs_default > k * diff_se (default 1.0)
   switch_se          which SE of the paired difference the rule uses: rows, folds or max (default)
-  unverified_weight  weight of non-verified rows for learned, logreg and lightgbm (null: 1)
+  unverified_weight  weight of non-verified rows: the sample weights every learner's fit gets
+                     (used by learned, logreg and lightgbm; the fixed blends learn nothing) (null: 1)
   weights            model -> weight for the fixed blends (default: equal)
   mfcc_feature       feature whose MFCC statistics LightGBM also sees (default "mfcc")
   learned            {l2}: the learned-weight geometric blend (non-negative per-model weights
@@ -71,15 +74,14 @@ from pipeline.predictions import probs_frame, write_table
 from pipeline.submission import write_submission
 from pipeline.fingerprints import content_hash, table_hash
 from pipeline.workdir import WorkDir, atomic_write_csv, atomic_write_json, read_json, remove_outputs
-from stacking.blends import BLENDS, LearnedGeometricBlend
+from stacking.base import Level2Estimator, Level2Layout
 from stacking.evaluate import Evaluation, evaluate, label_indices_for_test
 from stacking.features import mfcc_statistic_names, mfcc_statistics
-from stacking.inputs import StackInputError, StackInputs, load_stack_inputs
-from stacking.learners import LightGBMStacker, LogisticFusion
+from stacking.inputs import Level2Inputs, StackInputError, load_level2_inputs
+from stacking.learners import REGISTRY, LearnerSpec, registered_learners
 
 log = logging.getLogger("stacking")
 
-KNOWN_LEARNERS = ["mean", "geomean", "rank", "learned", "logreg", "lightgbm"]
 NESTED = ("learned", "lightgbm", "logreg")
 SE_KINDS = ("rows", "folds", "max")
 DEFAULTS = {
@@ -117,10 +119,11 @@ def stacking_settings(cfg: dict) -> dict:
             out[key].update(value or {})
         else:
             out[key] = copy.deepcopy(value)
-    learners = KNOWN_LEARNERS if out["learners"] is None else list(out["learners"])
-    bad = [n for n in learners if n not in KNOWN_LEARNERS]
+    known = registered_learners()
+    learners = known if out["learners"] is None else list(out["learners"])
+    bad = [n for n in learners if n not in known]
     if bad:
-        raise ConfigError(f"stacking.learners: unknown {bad} (known: {', '.join(KNOWN_LEARNERS)})")
+        raise ConfigError(f"stacking.learners: unknown {bad} (known: {', '.join(known)})")
     out["learners"] = learners
     if not isinstance(out["final"], str) or not out["final"]:
         raise ConfigError(f"stacking.final must be 'auto', 'best' or a name, got {out['final']!r}")
@@ -160,26 +163,27 @@ def select_models(cfg: dict, settings: dict, work: WorkDir) -> list[str]:
     return models
 
 
-def learner_factories(settings: dict, models: list[str], seed: int) -> dict:
-    """name -> unfitted estimator (evaluate clones it for every fit)."""
+def selected_learners(settings: dict) -> list[LearnerSpec]:
+    """The registered learners ``stacking.learners`` names (all when not
+    given), in its order."""
+    unknown = [n for n in settings["learners"] if n not in REGISTRY]
+    if unknown:
+        raise ConfigError(f"stacking.learners: unknown {unknown} (known: {', '.join(REGISTRY)})")
+    return [REGISTRY[n] for n in settings["learners"]]
+
+
+def build_learners(settings: dict, layout: Level2Layout, seed: int) -> dict[str, Level2Estimator]:
+    """name -> unfitted estimator of every selected registered learner
+    (evaluate clones it for every fit); blend weights naming models that are
+    not stacked are dropped (logged) first."""
     weights = settings["weights"]
     if weights:
-        dropped = sorted(set(weights) - set(models))
+        dropped = sorted(set(weights) - set(layout.models))
         if dropped:
             log.warning("stacking.weights names %s, which are not stacked: ignored", dropped)
-        weights = {m: w for m, w in weights.items() if m in models}
-    uw = settings["unverified_weight"]
-    out = {}
-    for name in settings["learners"]:
-        if name in BLENDS:
-            out[name] = BLENDS[name](weights=weights or None)
-        elif name == "learned":
-            out[name] = LearnedGeometricBlend(unverified_weight=uw, **settings["learned"])
-        elif name == "logreg":
-            out[name] = LogisticFusion(unverified_weight=uw, random_state=seed, **settings["logreg"])
-        elif name == "lightgbm":
-            out[name] = LightGBMStacker(unverified_weight=uw, random_state=seed, **settings["lightgbm"])
-    return out
+        weights = {m: w for m, w in weights.items() if m in layout.models}
+    resolved = dict(settings, weights=weights or None)
+    return {spec.name: spec.build(resolved, layout, seed) for spec in selected_learners(settings)}
 
 
 def mfcc_store(cfg: dict, settings: dict, work: WorkDir) -> FeatureStore | None:
@@ -376,10 +380,11 @@ def _num(x) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-def add_mfcc_statistics(inputs: StackInputs, store: FeatureStore) -> None:
-    inputs.extra = mfcc_statistics(store, "train", inputs.fnames)
-    inputs.test_extra = mfcc_statistics(store, "test", inputs.test_fnames)
-    inputs.extra_names = mfcc_statistic_names(inputs.extra.shape[1] // 4)
+def add_mfcc_statistics(inputs: Level2Inputs, store: FeatureStore) -> Level2Inputs:
+    """The inputs with the clips' MFCC statistics as extra feature columns."""
+    extra = mfcc_statistics(store, "train", inputs.fnames)
+    return inputs.with_extra(extra, mfcc_statistics(store, "test", inputs.test_fnames),
+                             mfcc_statistic_names(extra.shape[1] // 4))
 
 
 def run_stacking(cfg: dict, data_dir, work: WorkDir) -> dict:
@@ -389,7 +394,8 @@ def run_stacking(cfg: dict, data_dir, work: WorkDir) -> dict:
     clash = sorted(set(models) & set(settings["learners"]))
     if clash:
         raise ConfigError(f"model name(s) {clash} clash with learner names: rename the model(s)")
-    store = mfcc_store(cfg, settings, work) if "lightgbm" in settings["learners"] else None
+    specs = selected_learners(settings)
+    store = mfcc_store(cfg, settings, work) if any(s.extra_features for s in specs) else None
     dataset = load_dataset(data_dir, check_files=False)  # only the tables matter here, not the audio
     fingerprint = input_fingerprint(cfg, settings, models, dataset, work, store)
     done = _up_to_date(work, fingerprint)
@@ -399,21 +405,23 @@ def run_stacking(cfg: dict, data_dir, work: WorkDir) -> dict:
         return {**done, "skipped": True}
     # the answer of the previous inputs must not outlive a failure below
     remove_outputs(work.final_outputs(), "their stacking inputs changed", log)
-    inputs = load_stack_inputs(work, models, classes=dataset.classes, test_fnames=dataset.test_fnames)
+    inputs = load_level2_inputs(work, models, classes=dataset.classes, test_fnames=dataset.test_fnames,
+                                unverified_weight=settings["unverified_weight"])
     log.info("stacking %d model(s) %s on %d clips (%d verified), %d folds, %d classes; learners: %s",
              len(models), models, len(inputs.y), int(inputs.verified.sum()), len(np.unique(inputs.folds)),
              len(inputs.classes), settings["learners"])
     if store is not None:
-        add_mfcc_statistics(inputs, store)
-        log.info("LightGBM also sees %d MFCC statistics per clip (%s)", inputs.extra.shape[1], store.name)
+        inputs = add_mfcc_statistics(inputs, store)
+        log.info("%s also see(s) %d MFCC statistics per clip (%s)", ", ".join(s.name for s in specs if s.extra_features),
+                 len(inputs.extra_names), store.name)
     test_y = label_indices_for_test(inputs.test_fnames, dataset.test_labels, inputs.classes)
     if test_y is not None and not (test_y >= 0).any():
         log.warning("test_labels.csv labels none of the test clips: no test scores")
 
     names = models + settings["learners"]
     default = resolve_default(settings, names)
-    ev = evaluate(inputs, learner_factories(settings, models, cfg.get("seed", 2018)), test_y=test_y,
-                  reference=default, se_kind=settings["switch_se"])
+    ev = evaluate(inputs, build_learners(settings, inputs.layout, cfg.get("seed", 2018)), test_y=test_y,
+                  reference=default, se_kind=settings["switch_se"], kinds={s.name: s.kind for s in specs})
     selection = select_final(ev, settings["final"], default, settings["switch_margin_se"], settings["switch_se"])
     final = selection.final
 

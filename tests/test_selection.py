@@ -19,7 +19,6 @@ from stacking.base import Level2Estimator
 from stacking.blends import GeometricMeanBlend, LearnedGeometricBlend, MeanBlend
 from stacking.evaluate import (cross_validated_predictions, evaluate, fold_standard_error, paired_difference,
                                row_standard_error)
-from stacking.inputs import StackInputs
 from stacking.learners import LightGBMStacker, LogisticFusion
 from tests.test_stacking import make_inputs, make_stage_dirs, restore_logging, signal_probs  # noqa: F401
 
@@ -27,23 +26,20 @@ N, K = 300, 6
 
 
 class Lookup(Level2Estimator):
-    """Predicts fixed probabilities for the rows whose ids come in ``extra``:
-    a level-2 'learner' with a known score, run through the real cross-validation."""
+    """Predicts fixed probabilities for the rows whose ids come in the last
+    (extra) column: a level-2 'learner' with a known score, run through the
+    real cross-validation."""
 
-    def __init__(self, table=None, kind_="stacker"):
+    def __init__(self, layout=None, table=None):
+        self.layout = layout
         self.table = table
-        self.kind_ = kind_
 
-    @property
-    def kind(self):
-        return self.kind_
-
-    def fit(self, X_models, y, sample_weight=None, *, extra=None, verified=None):
-        self._check_models(X_models, fitting=True)
+    def fit(self, X, y, sample_weight=None):
+        self._check_X(X, fitting=True)
         return self
 
-    def predict_proba(self, X_models, *, extra=None):
-        return self.table[np.asarray(extra)[:, 0].astype(int)]
+    def predict_proba(self, X):
+        return self.table[self._check_X(X, fitting=False)[:, -1].astype(int)]
 
 
 def one_hot_ranked(y, correct):
@@ -75,15 +71,15 @@ def lookup_case():
         return ok
 
     inputs = make_inputs({"m1": signal_probs(rng, y, K, 1.0), "m2": signal_probs(rng, y, K, 1.0)}, y, seed=3)
-    inputs = StackInputs(**{**inputs.__dict__, "extra": np.arange(N)[:, None].astype(float)})
+    inputs = inputs.with_extra(np.arange(N)[:, None], names=["row_id"])
     tables = {"default": one_hot_ranked(y, base_ok), "noisy_win": one_hot_ranked(y, variant(3, 2)),
               "clear_win": one_hot_ranked(y, variant(40, 2))}
     return inputs, tables
 
 
 def _evaluate(inputs, tables, names, reference="default", **kw):
-    return evaluate(inputs, {n: Lookup(tables[n], "blend" if n == "default" else "stacker") for n in names},
-                    with_test=False, reference=reference, **kw)
+    return evaluate(inputs, {n: Lookup(inputs.layout, tables[n]) for n in names}, with_test=False,
+                    reference=reference, kinds={"default": "blend"}, **kw)
 
 
 def test_rule_keeps_default_when_the_lead_is_noise(lookup_case):
@@ -153,12 +149,12 @@ def test_standard_errors_on_a_hand_made_case():
 def test_score_columns_present_and_sane():
     rng = np.random.default_rng(1)
     y = rng.integers(0, K, N)
-    inputs = make_inputs({"good": signal_probs(rng, y, K, 2.0), "weak": signal_probs(rng, y, K, 0.5)}, y, n_folds=4)
+    oof = {"good": signal_probs(rng, y, K, 2.0), "weak": signal_probs(rng, y, K, 0.5)}
     test_y = rng.integers(0, K, 50)
-    inputs.test = {"good": signal_probs(rng, test_y, K, 2.0), "weak": signal_probs(rng, test_y, K, 0.5)}
-    inputs.test_fnames = [f"t{i}" for i in range(50)]
-    ev = evaluate(inputs, {"geomean": GeometricMeanBlend(), "mean": MeanBlend()}, test_y=test_y,
-                  reference="geomean")
+    test = {"good": signal_probs(rng, test_y, K, 2.0), "weak": signal_probs(rng, test_y, K, 0.5)}
+    inputs = make_inputs(oof, y, n_folds=4, test=test, test_fnames=[f"t{i}" for i in range(50)])
+    ev = evaluate(inputs, {"geomean": GeometricMeanBlend(inputs.layout), "mean": MeanBlend(inputs.layout)},
+                  test_y=test_y, reference="geomean")
     s = ev.scores.set_index("name")
     for col in ("map3_all_se", "map3_all_se_rows", "map3_verified_se", "diff_se", "diff_se_rows",
                 "diff_se_folds", "map3_test_se", "diff_test_se"):
@@ -170,7 +166,7 @@ def test_score_columns_present_and_sane():
     assert s.loc["good", "diff_vs_default"] == pytest.approx(s.loc["good", "map3_all"] - s.loc["geomean", "map3_all"])
     # paired: the two blends' shared noise cancels, so their difference is far surer than either score
     assert s.loc["mean", "diff_se_rows"] < 0.75 * s.loc["mean", "map3_all_se_rows"]
-    assert s.loc["good", "map3_test"] == pytest.approx(map_at_3(test_y, inputs.test["good"]))
+    assert s.loc["good", "map3_test"] == pytest.approx(map_at_3(test_y, inputs.test("good")))
 
 
 # ---------------------------------------------------------------------------
@@ -179,7 +175,7 @@ def test_learned_blend_scores_chance_on_noise():
     rng = np.random.default_rng(42)
     n, k = 600, 10
     inputs = make_inputs({f"noise{i}": rng.dirichlet(np.ones(k), n) for i in range(3)}, rng.integers(0, k, n), seed=1)
-    proba = cross_validated_predictions(LearnedGeometricBlend, inputs)
+    proba = cross_validated_predictions(LearnedGeometricBlend(inputs.layout), inputs)
     assert map_at_3(inputs.y, proba) < 0.25, "learned blend scored above chance on pure noise: leakage"
 
 
@@ -190,13 +186,13 @@ def test_learned_blend_gives_noise_a_near_zero_weight(seed):
     y = rng.integers(0, k, n)
     X = {"good": signal_probs(rng, y, k, 2.0), "noise": rng.dirichlet(np.ones(k), n),
          "weak": signal_probs(rng, y, k, 0.7)}
-    blend = LearnedGeometricBlend().fit(X, y)
+    inputs = make_inputs(X, y)
+    blend = LearnedGeometricBlend(inputs.layout).fit(inputs.X_oof, y)
     assert blend.weights_["noise"] < 0.05
     assert blend.weights_["good"] > blend.weights_["weak"] > blend.weights_["noise"]
     assert sum(blend.weights_.values()) == pytest.approx(1.0)
-    inputs = make_inputs(X, y)
-    learned = map_at_3(y, cross_validated_predictions(LearnedGeometricBlend, inputs))
-    equal = map_at_3(y, cross_validated_predictions(GeometricMeanBlend, inputs))
+    learned = map_at_3(y, cross_validated_predictions(LearnedGeometricBlend(inputs.layout), inputs))
+    equal = map_at_3(y, cross_validated_predictions(GeometricMeanBlend(inputs.layout), inputs))
     assert learned > equal + 0.02  # the noise model's equal vote costs the plain blend
 
 
@@ -206,14 +202,15 @@ def test_inner_cv_stackers_stay_at_chance_on_noise():
     rng = np.random.default_rng(7)
     n, k = 450, 10
     inputs = make_inputs({f"noise{i}": rng.dirichlet(np.ones(k), n) for i in range(3)}, rng.integers(0, k, n), seed=2)
-    for make in (lambda: LogisticFusion(C=[0.01, 1.0, 100.0]),
-                 lambda: LogisticFusion(C=[0.01, 1.0, 100.0], per_model_weights=True),
-                 lambda: LightGBMStacker(n_estimators=60, num_leaves=[4, 8], min_child_samples=20, inner_folds=3)):
-        assert map_at_3(inputs.y, cross_validated_predictions(make, inputs)) < 0.25
+    layout = inputs.layout
+    for learner in (LogisticFusion(layout, C=[0.01, 1.0, 100.0]),
+                    LogisticFusion(layout, C=[0.01, 1.0, 100.0], per_model_weights=True),
+                    LightGBMStacker(layout, n_estimators=60, num_leaves=[4, 8], min_child_samples=20, inner_folds=3)):
+        assert map_at_3(inputs.y, cross_validated_predictions(learner, inputs)) < 0.25
     # on noise the inner CV picks the strongest regularisation / the fewest trees
-    lr = LogisticFusion(C=[0.001, 1.0, 100.0]).fit(inputs.oof, inputs.y)
+    lr = LogisticFusion(layout, C=[0.001, 1.0, 100.0]).fit(inputs.X_oof, inputs.y)
     assert lr.C_ == 0.001 and set(lr.inner_scores_) == {0.001, 1.0, 100.0}
-    gbm = LightGBMStacker(n_estimators=60, num_leaves=[4, 8], inner_folds=3).fit(inputs.oof, inputs.y)
+    gbm = LightGBMStacker(layout, n_estimators=60, num_leaves=[4, 8], inner_folds=3).fit(inputs.X_oof, inputs.y)
     assert gbm.best_params_["n_estimators"] < 15 and len(gbm.inner_scores_) == 2
 
 
@@ -221,13 +218,14 @@ def test_inner_cv_keeps_trees_when_there_is_signal():
     rng = np.random.default_rng(8)
     n, k = 400, 4
     y = rng.integers(0, k, n)
-    X = {"inverted": signal_probs(rng, y, k, -3.0), "noise": rng.dirichlet(np.ones(k), n)}
-    gbm = LightGBMStacker(n_estimators=80, num_leaves=[4, 8], inner_folds=3, learning_rate=0.1).fit(X, y)
+    inputs = make_inputs({"inverted": signal_probs(rng, y, k, -3.0), "noise": rng.dirichlet(np.ones(k), n)}, y)
+    layout, X = inputs.layout, inputs.X_oof
+    gbm = LightGBMStacker(layout, n_estimators=80, num_leaves=[4, 8], inner_folds=3, learning_rate=0.1).fit(X, y)
     assert gbm.best_params_["n_estimators"] > 20
-    lr = LogisticFusion(C=[0.001, 0.1, 10.0], per_model_weights=True).fit(X, y)
+    lr = LogisticFusion(layout, C=[0.001, 0.1, 10.0], per_model_weights=True).fit(X, y)
     assert lr.C_ > 0.001 and lr.model_weights_["inverted"] < -1.0
     with pytest.raises(ValueError, match="inner_folds"):
-        LightGBMStacker(num_leaves=[4, 8], inner_folds=0).fit(X, y)
+        LightGBMStacker(layout, num_leaves=[4, 8], inner_folds=0).fit(X, y)
 
 
 # ---------------------------------------------------------------------------

@@ -19,11 +19,11 @@ from pipeline.metrics import map_at_3
 from pipeline.predictions import probs_frame, write_table
 from pipeline.submission import validate_submission
 from pipeline.workdir import WorkDir
-from stacking.base import Level2Estimator
+from stacking.base import Level2Estimator, Level2Layout
 from stacking.blends import GeometricMeanBlend, MeanBlend, RankBlend
 from stacking.evaluate import cross_validated_predictions, evaluate
 from stacking.features import mfcc_statistics
-from stacking.inputs import StackInputs, load_stack_inputs
+from stacking.inputs import level2_inputs, load_level2_inputs
 from stacking.learners import LightGBMStacker, LogisticFusion
 from stacking import stack
 
@@ -44,19 +44,30 @@ def signal_probs(rng, y, n_classes, strength, noise=1.0):
     return softmax(logits)
 
 
-def make_inputs(oof, y, n_folds=5, seed=0, verified=None):
+def make_inputs(oof, y, n_folds=5, seed=0, verified=None, **kw):
+    """Level-2 inputs from model -> (n, K) matrices, random shared folds and
+    verified flags; ``kw`` goes to :func:`level2_inputs` (test tables, extra
+    features, unverified_weight)."""
     rng = np.random.default_rng(seed)
     n = len(y)
     folds = np.arange(n) % n_folds
     rng.shuffle(folds)
     k = next(iter(oof.values())).shape[1]
-    return StackInputs(fnames=[f"clip{i:04d}.wav" for i in range(n)], y=np.asarray(y),
-                       verified=rng.random(n) < 0.5 if verified is None else verified,
-                       folds=folds, classes=[f"c{j}" for j in range(k)], oof=oof)
+    return level2_inputs(oof, y=np.asarray(y), folds=folds, classes=[f"c{j}" for j in range(k)],
+                         fnames=[f"clip{i:04d}.wav" for i in range(n)],
+                         verified=rng.random(n) < 0.5 if verified is None else verified, **kw)
 
 
-def fast_lgbm(**kw):
-    return LightGBMStacker(n_estimators=kw.pop("n_estimators", 30), n_jobs=1, **kw)
+def as_level2(X_models, extra=None):
+    """(layout, array) of a dict model -> (n, K) probabilities (and extra columns)."""
+    k = next(iter(X_models.values())).shape[1]
+    n_extra = 0 if extra is None else np.asarray(extra).reshape(len(next(iter(X_models.values()))), -1).shape[1]
+    layout = Level2Layout(tuple(X_models), tuple(f"c{j}" for j in range(k)), tuple(f"f{j}" for j in range(n_extra)))
+    return layout, layout.join(list(X_models.values()), extra)
+
+
+def fast_lgbm(layout=None, **kw):
+    return LightGBMStacker(layout, n_estimators=kw.pop("n_estimators", 30), n_jobs=1, **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -66,14 +77,14 @@ def noise_inputs():
     rng = np.random.default_rng(42)
     n, k = 600, 10
     oof = {f"noise{i}": rng.dirichlet(np.ones(k), n) for i in range(3)}
-    return make_inputs(oof, rng.integers(0, k, n), seed=1)
+    return make_inputs(oof, rng.integers(0, k, n), seed=1, unverified_weight=0.6)
 
 
 @pytest.mark.parametrize("make", [MeanBlend, GeometricMeanBlend, RankBlend, LogisticFusion,
-                                  lambda: LogisticFusion(per_model_weights=True, class_bias=True),
+                                  lambda layout: LogisticFusion(layout, per_model_weights=True, class_bias=True),
                                   fast_lgbm], ids=["mean", "geomean", "rank", "logreg", "logreg_w", "lightgbm"])
 def test_cross_validated_score_of_noise_is_chance(noise_inputs, make):
-    proba = cross_validated_predictions(make, noise_inputs)
+    proba = cross_validated_predictions(make(noise_inputs.layout), noise_inputs)
     assert proba.shape == (600, 10) and np.allclose(proba.sum(axis=1), 1)
     assert map_at_3(noise_inputs.y, proba) < 0.25, "stacker scored well above chance on pure noise: leakage"
 
@@ -82,31 +93,34 @@ def test_cross_validated_score_of_noise_is_chance(noise_inputs, make):
 def test_leaky_evaluation_would_be_caught(noise_inputs, make, floor):
     """Fit and score on the same rows (what evaluate never does): the score
     jumps well above chance, so the chance-level check above can fail."""
-    learner = make()
-    learner.fit(noise_inputs.oof, noise_inputs.y, verified=noise_inputs.verified)
-    leaky = map_at_3(noise_inputs.y, learner.predict_proba(noise_inputs.oof))
+    learner = make(noise_inputs.layout)
+    learner.fit(noise_inputs.X_oof, noise_inputs.y)
+    leaky = map_at_3(noise_inputs.y, learner.predict_proba(noise_inputs.X_oof))
     assert CHANCE_10 < 0.2 and leaky > floor
 
 
 class SpyLearner(Level2Estimator):
-    """Records which rows (ids passed as the extra feature) it fit and predicted."""
+    """Records which rows (ids in the last, extra column) it fit and predicted."""
     log: list = []
 
-    def fit(self, X_models, y, sample_weight=None, *, extra=None, verified=None):
-        self._check_models(X_models, fitting=True)
-        self.seen_ = set(np.asarray(extra)[:, 0].astype(int))
+    def __init__(self, layout=None):
+        self.layout = layout
+
+    def fit(self, X, y, sample_weight=None):
+        X = self._check_X(X, fitting=True)
+        self.seen_ = set(X[:, -1].astype(int))
         return self
 
-    def predict_proba(self, X_models, *, extra=None):
-        ids = set(np.asarray(extra)[:, 0].astype(int))
+    def predict_proba(self, X):
+        ids = set(self._check_X(X, fitting=False)[:, -1].astype(int))
         SpyLearner.log.append((self.seen_, ids))
         return np.full((len(ids), self.n_classes_), 1.0 / self.n_classes_)
 
 
 def test_cross_validation_never_predicts_rows_it_fit(noise_inputs):
-    inputs = StackInputs(**{**noise_inputs.__dict__, "extra": np.arange(600)[:, None].astype(float)})
+    inputs = noise_inputs.with_extra(np.arange(600)[:, None], names=["row_id"])
     SpyLearner.log.clear()
-    cross_validated_predictions(SpyLearner, inputs)
+    cross_validated_predictions(SpyLearner(inputs.layout), inputs)
     assert len(SpyLearner.log) == 5
     predicted = set()
     for fit_rows, pred_rows in SpyLearner.log:
@@ -121,19 +135,19 @@ def test_cross_validation_never_predicts_rows_it_fit(noise_inputs):
 def test_mean_blend_flips_ranking_and_weights():
     a = np.array([[0.5, 0.35, 0.15]])
     b = np.array([[0.1, 0.4, 0.5]])
-    X = {"a": a, "b": b}
-    mean = MeanBlend().fit(X).predict_proba(X)
+    layout, X = as_level2({"a": a, "b": b})
+    mean = MeanBlend(layout).fit(X).predict_proba(X)
     assert np.allclose(mean, [[0.3, 0.375, 0.325]])
     assert list(np.argsort(-mean[0])) == [1, 2, 0]  # class 1 is first, though second for both models
-    weighted = MeanBlend(weights={"a": 3, "b": 1}).fit(X).predict_proba(X)
+    weighted = MeanBlend(layout, weights={"a": 3, "b": 1}).fit(X).predict_proba(X)
     assert np.allclose(weighted, [[0.4, 0.3625, 0.2375]])
     assert list(np.argsort(-weighted[0])) == [0, 1, 2]
 
 
 def test_geometric_and_arithmetic_mean_differ():
-    X = {"a": np.array([[0.9, 0.05, 0.05]]), "b": np.array([[0.01, 0.5, 0.49]])}
-    arith = MeanBlend().fit(X).predict_proba(X)
-    geo = GeometricMeanBlend().fit(X).predict_proba(X)
+    layout, X = as_level2({"a": np.array([[0.9, 0.05, 0.05]]), "b": np.array([[0.01, 0.5, 0.49]])})
+    arith = MeanBlend(layout).fit(X).predict_proba(X)
+    geo = GeometricMeanBlend(layout).fit(X).predict_proba(X)
     assert np.allclose(arith, [[0.455, 0.275, 0.27]])
     raw = np.sqrt([0.9 * 0.01, 0.05 * 0.5, 0.05 * 0.49])  # 0.0949, 0.1581, 0.1565
     assert np.allclose(geo, [raw / raw.sum()], atol=1e-6)
@@ -141,20 +155,22 @@ def test_geometric_and_arithmetic_mean_differ():
 
 
 def test_rank_average_on_tiny_table():
-    X = {"a": np.array([[0.9, 0.1], [0.5, 0.5], [0.1, 0.9]]),
-         "b": np.array([[0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])}
+    layout, X = as_level2({"a": np.array([[0.9, 0.1], [0.5, 0.5], [0.1, 0.9]]),
+                           "b": np.array([[0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])})
     # class 0 ranks: a [3,2,1], b [2,3,1] -> mean [2.5,2.5,1]; class 1: a [1,2,3], b [2,1,3] -> [1.5,1.5,3]
-    out = RankBlend().fit(X).predict_proba(X)
+    out = RankBlend(layout).fit(X).predict_proba(X)
     assert np.allclose(out, [[0.625, 0.375], [0.625, 0.375], [0.25, 0.75]])
 
 
-def test_blend_refuses_unknown_weight_and_other_models():
-    X = {"a": np.full((2, 2), 0.5)}
+def test_blend_refuses_unknown_weight_and_other_layouts():
+    layout, X = as_level2({"a": np.full((2, 2), 0.5)})
     with pytest.raises(ValueError, match="zzz"):
-        MeanBlend(weights={"zzz": 1}).fit(X)
-    blend = MeanBlend().fit(X)
-    with pytest.raises(ValueError, match="fit on models"):
-        blend.predict_proba({"b": np.full((2, 2), 0.5)})
+        MeanBlend(layout, weights={"zzz": 1}).fit(X)
+    blend = MeanBlend(layout).fit(X)
+    with pytest.raises(ValueError, match="expected \\(n, 2\\)"):
+        blend.predict_proba(np.full((2, 4), 0.5))  # two models' columns for a one-model layout
+    with pytest.raises(ValueError, match="layout"):
+        MeanBlend().fit(X)
 
 
 def test_stackers_learn_from_an_inverted_model():
@@ -165,24 +181,25 @@ def test_stackers_learn_from_an_inverted_model():
     n, k = 400, 4
     y = rng.integers(0, k, n)
     inputs = make_inputs({"inverted": signal_probs(rng, y, k, -4.0), "noise": rng.dirichlet(np.ones(k), n)}, y)
-    blend = map_at_3(y, cross_validated_predictions(MeanBlend, inputs))
+    blend = map_at_3(y, cross_validated_predictions(MeanBlend(inputs.layout), inputs))
     assert blend < 0.45
-    restricted = LogisticFusion(per_model_weights=True).fit(inputs.oof, y)
+    restricted = LogisticFusion(inputs.layout, per_model_weights=True).fit(inputs.X_oof, y)
     assert restricted.model_weights_["inverted"] < -1.0
     assert abs(restricted.model_weights_["noise"]) < 0.3 * abs(restricted.model_weights_["inverted"])
-    for make in (LogisticFusion, lambda: LogisticFusion(per_model_weights=True), fast_lgbm):
-        assert map_at_3(y, cross_validated_predictions(make, inputs)) > 0.9
+    for learner in (LogisticFusion(inputs.layout), LogisticFusion(inputs.layout, per_model_weights=True),
+                    fast_lgbm(inputs.layout)):
+        assert map_at_3(y, cross_validated_predictions(learner, inputs)) > 0.9
 
 
 def test_learners_fill_classes_missing_from_training():
     rng = np.random.default_rng(0)
-    X = {"m": rng.dirichlet(np.ones(5), 50)}
+    layout, X = as_level2({"m": rng.dirichlet(np.ones(5), 50)})
     y = rng.integers(0, 4, 50)  # class 4 never seen
-    for learner in (LogisticFusion(), fast_lgbm(n_estimators=5)):
+    for learner in (LogisticFusion(layout), fast_lgbm(layout, n_estimators=5)):
         p = learner.fit(X, y).predict_proba(X)
         assert p.shape == (50, 5) and np.allclose(p.sum(axis=1), 1) and (p[:, 4] < 0.01).all()
     # the restricted LR only reweights the models' own scores: every class keeps a share
-    p = LogisticFusion(per_model_weights=True).fit(X, y).predict_proba(X)
+    p = LogisticFusion(layout, per_model_weights=True).fit(X, y).predict_proba(X)
     assert p.shape == (50, 5) and np.allclose(p.sum(axis=1), 1)
 
 
@@ -190,38 +207,43 @@ def test_lightgbm_is_deterministic_and_uses_weights_and_extra():
     rng = np.random.default_rng(5)
     n, k = 200, 3
     y = rng.integers(0, k, n)
-    X = {"m": signal_probs(rng, y, k, 1.0)}
+    probs = {"m": signal_probs(rng, y, k, 1.0)}
     extra = pd.DataFrame({"f0": rng.normal(size=n), "f1": np.where(rng.random(n) < 0.2, np.nan, y)})
-    verified = rng.random(n) < 0.5
-    p1 = fast_lgbm().fit(X, y, extra=extra, verified=verified).predict_proba(X, extra=extra)
-    p2 = fast_lgbm().fit(X, y, extra=extra.to_numpy(), verified=verified).predict_proba(X, extra=extra.to_numpy())
+    w = np.where(rng.random(n) < 0.5, 1.0, 0.6)
+    layout, X = as_level2(probs, extra)
+    _, X2 = as_level2(probs, extra.to_numpy())
+    p1 = fast_lgbm(layout).fit(X, y, sample_weight=w).predict_proba(X)
+    p2 = fast_lgbm(layout).fit(X2, y, sample_weight=w).predict_proba(X2)
     assert np.array_equal(p1, p2)
-    p3 = fast_lgbm(unverified_weight=None).fit(X, y, extra=extra, verified=verified).predict_proba(X, extra=extra)
+    p3 = fast_lgbm(layout).fit(X, y).predict_proba(X)
     assert not np.allclose(p1, p3)
-    with pytest.raises(ValueError, match="extra"):
-        fast_lgbm().fit(X, y, extra=extra).predict_proba(X)
+    p4 = fast_lgbm(layout.with_extra(())).fit(X[:, :k], y, sample_weight=w).predict_proba(X[:, :k])
+    assert not np.allclose(p1, p4)  # the extra columns are used
+    with pytest.raises(ValueError, match="extra column"):
+        fast_lgbm(layout).fit(X, y).predict_proba(X[:, :k])
 
 
 def test_evaluate_scores_models_blends_and_stackers():
     rng = np.random.default_rng(7)
     n, k = 300, 5
     y = rng.integers(0, k, n)
-    inputs = make_inputs({"good": signal_probs(rng, y, k, 2.0), "noise": rng.dirichlet(np.ones(k), n)}, y)
+    oof = {"good": signal_probs(rng, y, k, 2.0), "noise": rng.dirichlet(np.ones(k), n)}
     test_y = np.array([0, 1, -1, 2])
-    inputs.test = {"good": signal_probs(rng, np.array([0, 1, 0, 2]), k, 6.0), "noise": rng.dirichlet(np.ones(k), 4)}
-    inputs.test_fnames = ["t0", "t1", "t2", "t3"]
-    ev = evaluate(inputs, {"geomean": GeometricMeanBlend(), "logreg": LogisticFusion()}, test_y=test_y)
+    test = {"good": signal_probs(rng, np.array([0, 1, 0, 2]), k, 6.0), "noise": rng.dirichlet(np.ones(k), 4)}
+    inputs = make_inputs(oof, y, test=test, test_fnames=["t0", "t1", "t2", "t3"])
+    ev = evaluate(inputs, {"geomean": GeometricMeanBlend(inputs.layout), "logreg": LogisticFusion(inputs.layout)},
+                  test_y=test_y, kinds={"geomean": "blend"})
     assert list(ev.scores.columns) == ["name", "kind", "map3_all", "map3_all_se", "map3_verified",
                                        "map3_verified_se", "accuracy_all", "map3_all_se_rows",
                                        "map3_test", "map3_test_se"]
     assert list(ev.scores["name"]) == ["good", "noise", "geomean", "logreg"]
     assert list(ev.scores["kind"]) == ["model", "model", "blend", "stacker"]
     good = ev.scores.set_index("name").loc["good"]
-    assert good["map3_all"] == pytest.approx(map_at_3(y, inputs.oof["good"]))
+    assert good["map3_all"] == pytest.approx(map_at_3(y, inputs.oof("good")))
     assert good["map3_test"] == pytest.approx(1.0)
     assert ev.scores.set_index("name").loc["logreg", "map3_all"] > good["map3_all"] - 0.03
     with pytest.raises(ValueError, match="model names"):
-        evaluate(inputs, {"good": MeanBlend()})
+        evaluate(inputs, {"good": MeanBlend(inputs.layout)})
 
 
 # ---------------------------------------------------------------------------
@@ -254,13 +276,21 @@ def test_inputs_load_and_align(small_work):
     work, folds, test_fnames = small_work
     df = pd.read_csv(work.oof_csv("ok"))
     df.sample(frac=1, random_state=0).to_csv(work.oof_csv("ok"), index=False)  # row order does not matter
-    inputs = load_stack_inputs(work, ["ok", "bad"], classes=CLASSES, test_fnames=test_fnames)
+    inputs = load_level2_inputs(work, ["ok", "bad"], classes=CLASSES, test_fnames=test_fnames)
     assert inputs.fnames == folds["fname"].tolist()
     assert np.array_equal(inputs.y, np.arange(30) % 3)
     assert np.array_equal(inputs.folds, folds["fold"].to_numpy())
-    assert np.allclose(inputs.oof["ok"], df[CLASSES].to_numpy() / df[CLASSES].to_numpy().sum(1, keepdims=True),
+    assert np.allclose(inputs.oof("ok"), df[CLASSES].to_numpy() / df[CLASSES].to_numpy().sum(1, keepdims=True),
                        atol=1e-6)
-    assert inputs.test["bad"].shape == (2, 3) and inputs.test_fnames == test_fnames
+    assert inputs.test("bad").shape == (2, 3) and inputs.test_fnames == test_fnames
+    # one array of both models' columns, model-major, described by the layout
+    assert inputs.model_names == ["ok", "bad"] and inputs.classes == CLASSES
+    assert inputs.X_oof.shape == (30, 6) and inputs.X_test.shape == (2, 6)
+    assert inputs.columns == [f"{m}:{c}" for m in ("ok", "bad") for c in CLASSES]
+    assert np.array_equal(inputs.X_oof[:, 3:], inputs.oof("bad")) and inputs.sample_weight is None
+    weighted = load_level2_inputs(work, ["ok", "bad"], classes=CLASSES, test_fnames=test_fnames,
+                                  unverified_weight=0.5)
+    assert np.array_equal(weighted.sample_weight, np.where(folds["manually_verified"] == 1, 1.0, 0.5))
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -276,7 +306,7 @@ def test_inputs_refuse_bad_oof_naming_the_model(small_work, edit, message):
     work, _, test_fnames = small_work
     _rewrite_oof(work, edit)
     with pytest.raises(ValueError, match=message) as err:
-        load_stack_inputs(work, ["ok", "bad"], classes=CLASSES, test_fnames=test_fnames)
+        load_level2_inputs(work, ["ok", "bad"], classes=CLASSES, test_fnames=test_fnames)
     assert "'bad'" in str(err.value) and "'ok'" not in str(err.value)
 
 
@@ -285,10 +315,10 @@ def test_inputs_refuse_missing_or_misordered_tables(small_work):
     test = pd.read_csv(work.test_csv("bad"))
     test.iloc[::-1].to_csv(work.test_csv("bad"), index=False)
     with pytest.raises(ValueError, match="'bad'.*order"):
-        load_stack_inputs(work, ["ok", "bad"], classes=CLASSES, test_fnames=test_fnames)
+        load_level2_inputs(work, ["ok", "bad"], classes=CLASSES, test_fnames=test_fnames)
     work.oof_csv("bad").unlink()
     with pytest.raises(FileNotFoundError, match="'bad'"):
-        load_stack_inputs(work, ["ok", "bad"], classes=CLASSES, test_fnames=test_fnames)
+        load_level2_inputs(work, ["ok", "bad"], classes=CLASSES, test_fnames=test_fnames)
 
 
 # ---------------------------------------------------------------------------
@@ -350,12 +380,14 @@ def make_stage_dirs(tmp_path, with_mfcc=True):
         write_table(probs_frame(train["fname"], oof, classes, folds["fold"]), work.oof_csv(m))
         write_table(probs_frame(test_fnames, test, classes), work.test_csv(m))
     cfg_text = ("seed: 1\nfeatures:\n  mfcc: {kind: mfcc, n_mfcc: 3}\n"
-                "models: {good: {}, noise: {}, untrained: {}}\nrun:\n  models: [good, noise, untrained]\n"
+                "models: {good: {builder: stats_lr}, noise: {builder: stats_lr}, untrained: {builder: stats_lr}}\n"
+                "run:\n  models: [good, noise, untrained]\n"
                 "stacking:\n  lightgbm: {n_estimators: 15}\n")
     cfg_path = tmp_path / "preset.yaml"
     cfg_path.write_text(cfg_text)
-    if with_mfcc:
-        store = FeatureStore(work, "mfcc", {"kind": "mfcc", "n_mfcc": 3}, {})
+    if with_mfcc:  # the store the stage will look for: the resolved preset's spec (defaults filled in)
+        cfg = load_config(str(cfg_path))
+        store = FeatureStore(work, "mfcc", cfg["features"]["mfcc"], cfg.get("audio", {}))
         store.ensure_dir()
         store.write_shard("train", {f: rng.normal(size=(8, 3)) for f in train["fname"][:-3]}, {})
         store.write_shard("test", {f: rng.normal(size=(8, 3)) for f in test_fnames}, {})
