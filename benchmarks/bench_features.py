@@ -24,7 +24,7 @@ from pipeline.audio import read_audio, resample
 from pipeline.cache import feature_stores
 from pipeline.config import load_config
 from pipeline.dataset import load_dataset
-from pipeline.features import compute_missing
+from pipeline.extraction import compute_missing
 from pipeline.workdir import WorkDir
 
 

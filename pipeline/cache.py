@@ -13,22 +13,41 @@ shard that is read as valid; the next run recomputes just the missing clips.
 """
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import param_hash
-from pipeline.spectral import FEATURE_VERSION
-from pipeline.workdir import WorkDir, atomic_write_bytes, atomic_write_json, read_json
+from pydantic import ValidationError
+
+from pipeline.config import ConfigError
+from pipeline.fingerprints import param_hash
+from pipeline.settings import Audio, describe_error
+from pipeline.spectral import FEATURE_VERSION, VGGISH_SR
+from pipeline.workdir import WorkDir, atomic_write_json, atomic_write_npy, read_json
+
+
+def feature_settings(name: str, spec: dict) -> dict:
+    """A feature's settings with every default of its kind filled in (the cache key hashes all of them)."""
+    from pipeline.settings import FEATURE_KINDS
+    kind = spec.get("kind", name)
+    if kind not in FEATURE_KINDS:
+        raise ConfigError(f"features.{name}.kind: unknown feature kind {kind!r} (known: {', '.join(FEATURE_KINDS)})")
+    try:
+        return FEATURE_KINDS[kind].model_validate({**spec, "kind": kind}).model_dump()
+    except ValidationError as exc:
+        raise ConfigError(f"features.{name}.{describe_error(exc, model=FEATURE_KINDS[kind])}") from None
 
 
 def feature_key_params(spec: dict, audio_cfg: dict) -> dict:
     """Everything the array depends on: the feature's own settings, the
     shared preprocessing and the code version."""
-    return {"feature": spec, "audio": {k: audio_cfg.get(k) for k in ("trim_top_db", "silence_peak")},
+    try:
+        audio = Audio.model_validate(audio_cfg or {}).model_dump()  # the defaults fill a partial section
+    except ValidationError as exc:
+        raise ConfigError(f"audio.{describe_error(exc, model=Audio)}") from None
+    return {"feature": spec, "audio": {k: audio[k] for k in ("trim_top_db", "silence_peak")},
             "version": FEATURE_VERSION}
 
 
@@ -37,13 +56,17 @@ class FeatureStore:
 
     def __init__(self, work: WorkDir, name: str, spec: dict, audio_cfg: dict):
         self.name = name
-        self.spec = dict(spec)
-        self.kind = self.spec.get("kind", name)
+        self.spec = self.settings(name, spec)
+        self.kind = self.spec["kind"]
         self.params = feature_key_params(self.spec, audio_cfg)
         self.key = param_hash(self.params)
         self.root = work.features_dir(name, self.key)
         self._index: dict[str, dict] = {}
         self._maps: dict[Path, np.ndarray] = {}
+
+    def settings(self, name: str, spec: dict) -> dict:
+        """The settings the key hashes: a configured feature's, every default of its kind filled in."""
+        return feature_settings(name, spec)
 
     def __getstate__(self):  # sent to worker processes without open memory maps
         state = self.__dict__.copy()
@@ -52,11 +75,11 @@ class FeatureStore:
 
     @property
     def sr(self) -> int:
-        return int(self.spec.get("sr", 16000)) if self.kind != "vggish" else 16000
+        return int(self.spec["sr"]) if self.kind != "vggish" else VGGISH_SR
 
     @property
     def dtype(self) -> str:
-        return self.spec.get("dtype", "float32")
+        return self.spec.get("dtype", "float32")  # vggish frames have no setting
 
     def train_split(self, fold: int) -> str:
         """Where fold ``fold`` reads its training and held-out clips (stores
@@ -87,9 +110,7 @@ class FeatureStore:
         lengths = [int(a.shape[0]) for a in arrays.values()]
         if arrays:
             data = np.concatenate([np.asarray(a, dtype=self.dtype) for a in arrays.values()], axis=0)
-            buf = io.BytesIO()
-            np.save(buf, data)
-            atomic_write_bytes(shard.with_suffix(".npy"), buf.getvalue())
+            atomic_write_npy(shard.with_suffix(".npy"), data)
         atomic_write_json({"fnames": list(arrays), "lengths": lengths, "bad": bad, "ids": ids,
                            "written_ns": time.time_ns()}, shard.with_suffix(".index.json"))
         return shard
@@ -201,12 +222,12 @@ class FeatureStore:
 
 
 def feature_stores(work: WorkDir, cfg: dict, names: list[str] | None = None) -> dict[str, FeatureStore]:
-    feats = cfg.get("features", {})
+    feats = cfg["features"]
     names = names if names is not None else list(feats)
     unknown = [n for n in names if n not in feats]
     if unknown:
         raise KeyError(f"feature(s) {unknown} not defined in the preset's features section")
-    return {n: FeatureStore(work, n, feats[n], cfg.get("audio", {})) for n in names}
+    return {n: FeatureStore(work, n, feats[n], cfg["audio"]) for n in names}
 
 
 def describe(store: FeatureStore) -> str:

@@ -82,6 +82,7 @@ def setup_logging(work: WorkDir, stage: str, verbose: bool = False) -> Path:
         root.removeHandler(h)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
+    console.addFilter(lambda record: getattr(record, "console", True))  # run_main prints its own error line
     root.addHandler(console)
     path = log_dir / f"{stage}.log"
     fh = logging.FileHandler(path)
@@ -179,6 +180,14 @@ def _os_error_line(exc: OSError) -> str:
     return f"{exc.strerror or exc}{where}: {hints.get(exc.errno, 'check the path and rerun')}"
 
 
+def _one_line(line: str) -> None:
+    """The error on stderr once; into the stage's log file too when logging is set up
+    (before that, logging's last-resort handler would print it a second time)."""
+    if logging.getLogger().handlers:
+        logging.getLogger("pipeline").error("%s", line, extra={"console": False})
+    print(f"error: {line}", file=sys.stderr)
+
+
 def run_main(main_fn, argv=None) -> int:
     """Run a stage. An anticipated error (bad input, settings, disk, permissions)
     prints one clear line and exits 2; anything else is a bug: traceback plus
@@ -186,13 +195,10 @@ def run_main(main_fn, argv=None) -> int:
     try:
         main_fn(argv)
     except _known_errors() as exc:
-        logging.getLogger("pipeline").error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
+        _one_line(str(exc))
         return 2
     except OSError as exc:
-        line = _os_error_line(exc)
-        logging.getLogger("pipeline").error("%s", line)
-        print(f"error: {line}", file=sys.stderr)
+        _one_line(_os_error_line(exc))
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)

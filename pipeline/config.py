@@ -109,6 +109,15 @@ def resolve(cfg: dict, source: str = "config") -> dict:
         raise ConfigError(f"{source}: {describe_error(exc)}") from None
 
 
+def section(cfg: dict, name: str) -> dict:
+    """One top-level section of a (possibly partial) config, validated, defaults filled in."""
+    model = Config.model_fields[name].annotation
+    try:
+        return model.model_validate(cfg.get(name) or {}).model_dump()
+    except ValidationError as exc:
+        raise ConfigError(f"{name}.{describe_error(exc, model=model)}") from None
+
+
 def load_config(name_or_path: str | Path = "quick", overrides: list[str] | None = None) -> dict:
     """Load a preset by name (``quick``) or by YAML path, then apply ``--set`` overrides."""
     layers = _preset_layers(name_or_path)

@@ -18,9 +18,9 @@ Model entry (``models:`` in a preset)::
       window: 0
       params: {n_estimators: 300, learning_rate: 0.05, num_leaves: 15, unverified_weight: 0.6}
 
-Every setting has a default (:data:`STATS_DEFAULTS`, :data:`LGBM_DEFAULTS`,
-:data:`LR_DEFAULTS`); unknown keys are refused so a typo is not silently
-ignored.
+Every setting has a default and a doc in :mod:`pipeline.settings`
+(``StatsLgbmParams``, ``StatsLrParams``); unknown keys are refused so a typo
+is not silently ignored.
 """
 from __future__ import annotations
 
@@ -33,10 +33,14 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 
 from pipeline.cache import FeatureStore
-from pipeline.config import ConfigError, param_hash
+from pydantic import ValidationError
+
+from pipeline.config import ConfigError
+from pipeline.fingerprints import param_hash
 from pipeline.metrics import accuracy, map_at_3
 from pipeline.predictions import EPS
 from pipeline.spectral import deltas
+from pipeline.settings import HANDCRAFTED_PARAMS, StatsParams, describe_error
 from pipeline.workdir import atomic_write_bytes
 
 if TYPE_CHECKING:  # pipeline.trainer imports Keras; these models need none
@@ -49,32 +53,10 @@ HANDCRAFTED_BUILDERS = ("stats_lgbm", "stats_lr")
 #: statistics over time that :func:`segment_statistics` knows, besides ``p<q>`` (percentile q, 0..100)
 KNOWN_STATS = ("mean", "std", "var", "min", "max", "skew")
 
-#: settings of the statistics (shared by both models)
-STATS_DEFAULTS = {
-    "stats": ["mean", "std", "min", "max", "skew"],  # per coefficient / band / delta channel, over time
-    "mfcc_deltas": True,     # add statistics of the MFCC deltas (computed here, width delta_width)
-    "delta_width": 9,        # frames of the MFCC delta regression (as the cached log-mel's)
-    "length": True,          # one column log(1 + frames) of the first feature: the clip's duration
-}
-#: LightGBM settings: small trees, a fixed number of rounds (no inner split needed). n_jobs 1:
-#: on a busy 2-core machine two OpenMP threads spun (35 s CPU per fsdd fold vs 8 s with one thread,
-#: same predictions); n_jobs <= 0 uses every core
-LGBM_DEFAULTS = {
-    "n_estimators": 150, "learning_rate": 0.1, "num_leaves": 15, "max_depth": -1, "min_child_samples": 10,
-    "colsample_bytree": 0.2, "subsample": 0.8, "reg_lambda": 1.0, "max_bin": 63,
-    "unverified_weight": 0.3, "n_jobs": 1,
-}
-#: logistic-regression settings; C: a number, or "auto" for LogisticRegressionCV over ``Cs``
-#: (fsdd, 5 folds, OOF MAP@3 all / verified, test: C 0.01 .8788/.9865/.9900 in 0.6 s per fold; "auto"
-#: (3-fold inner CV on log-loss) .8745/.9821/.9861 in 2.5 s; C 0.003 .877/.985, 0.2 .832/.936, 1 .806/.904)
-LR_DEFAULTS = {"C": 0.01, "Cs": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0], "cv": 3, "max_iter": 2000,
-               "unverified_weight": 0.3, "n_jobs": 1}
-#: unverified_weight 0.3 for both (non-verified rows count 0.3): measured on fsdd (40 % non-verified, 30 % of
-#: those mislabelled), OOF MAP@3 all / verified rows, 5 folds --
-#:   stats_lr   (C 0.01): weight 0 .8782/.9874, 0.3 .8788/.9865, 0.6 .8759/.9836, 1 .8684/.9756
-#:   stats_lgbm:          weight 0 .8814/.9887, 0.3 .8815/.9877, 0.6 .8813/.9885, 1 .8816/.9884
+#: the settings, their defaults and the measurements behind them: pipeline.settings.StatsLgbmParams / StatsLrParams
+DEFAULT_STATS = tuple(StatsParams().stats)
+STAT_KEYS = ("stats", "mfcc_deltas", "delta_width", "length")  # the statistics' own settings; the rest: the estimator
 
-_STAT_KEYS = set(STATS_DEFAULTS)
 
 
 def is_handcrafted(spec: dict) -> bool:
@@ -101,14 +83,13 @@ def model_settings(spec: dict) -> tuple[dict, dict]:
     builder = spec.get("builder")
     if builder not in HANDCRAFTED_BUILDERS:
         raise ConfigError(f"{builder!r} is not a handcrafted builder ({', '.join(HANDCRAFTED_BUILDERS)})")
-    est_defaults = LGBM_DEFAULTS if builder == "stats_lgbm" else LR_DEFAULTS
-    params = dict(spec.get("params") or {})
-    unknown = sorted(set(params) - _STAT_KEYS - set(est_defaults))
-    if unknown:
-        raise ConfigError(f"model {spec.get('name', builder)!r}: unknown {builder} setting(s) {unknown} "
-                          f"(known: {sorted(_STAT_KEYS | set(est_defaults))})")
-    stats = {k: params.get(k, v) for k, v in STATS_DEFAULTS.items()}
-    est = {k: params.get(k, v) for k, v in est_defaults.items()}
+    schema = HANDCRAFTED_PARAMS[builder]
+    try:
+        params = schema.model_validate(dict(spec.get("params") or {})).model_dump()
+    except ValidationError as exc:
+        raise ConfigError(f"models.{spec.get('name', builder)}.params.{describe_error(exc, model=schema)}") from None
+    stats = {k: params[k] for k in STAT_KEYS}
+    est = {k: v for k, v in params.items() if k not in STAT_KEYS}
     stats["stats"] = check_stats(stats["stats"])
     return stats, est
 
@@ -205,9 +186,9 @@ def expected_shape(store: FeatureStore) -> tuple[int, ...] | None:
     """A clip array's shape after the time axis, from the feature's settings
     (None: unknown kind, taken from the first usable clip)."""
     if store.kind == "mfcc":
-        return (int(store.spec.get("n_mfcc", 20)),)
+        return (int(store.spec["n_mfcc"]),)
     if store.kind == "logmel":
-        return (int(store.spec.get("n_mels", 64)), 3)
+        return (int(store.spec["n_mels"]), 3)
     if store.kind == "vggish":
         return (64,)
     if store.kind == "wave":
@@ -240,7 +221,7 @@ def _blocks(store: FeatureStore, arr: np.ndarray, mfcc_deltas: bool, delta_width
     return a
 
 
-def statistic_names(stores: Mapping[str, FeatureStore], stats: Sequence[str] = tuple(STATS_DEFAULTS["stats"]),
+def statistic_names(stores: Mapping[str, FeatureStore], stats: Sequence[str] = DEFAULT_STATS,
                     mfcc_deltas: bool = True, length: bool = True,
                     shapes: Mapping[str, tuple] | None = None) -> list[str]:
     """Column names of :func:`clip_statistics_matrix`: ``<block><i>_<stat>``
@@ -353,7 +334,7 @@ def _store_statistics(store: FeatureStore, split: str, fnames: Sequence[str], st
 
 
 def clip_statistics_matrix(stores: Mapping[str, FeatureStore], split: str, fnames: Sequence[str], *,
-                           stats: Sequence[str] = tuple(STATS_DEFAULTS["stats"]), mfcc_deltas: bool = True,
+                           stats: Sequence[str] = DEFAULT_STATS, mfcc_deltas: bool = True,
                            delta_width: int = 9, length: bool = True,
                            return_names: bool = False):
     """(n, F) statistics over time of every clip's cached features.

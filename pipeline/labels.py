@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.fingerprints import table_hash  # noqa: F401  (re-exported for older callers)
+from pipeline.config import section
+from pipeline.fingerprints import table_hash
 from pipeline.workdir import WorkDir, atomic_write_csv, atomic_write_json, read_json
 
 log = logging.getLogger("labels")
@@ -22,13 +23,13 @@ log = logging.getLogger("labels")
 
 def training_labels(cfg: dict, work: WorkDir, folds: pd.DataFrame, train_cfg: dict | None = None) -> pd.DataFrame:
     """fname, label, epsilon, verified for every row of folds.csv."""
-    tcfg = train_cfg or cfg.get("training", {})
-    eps_v = float(tcfg.get("smoothing_verified", 0.05) or 0.0)
-    eps_u = float(tcfg.get("smoothing_unverified", 0.3) or 0.0)
+    tcfg = section({"training": train_cfg or cfg.get("training")}, "training")  # a partial one: defaults filled
+    eps_v = float(tcfg["smoothing_verified"] or 0.0)
+    eps_u = float(tcfg["smoothing_unverified"] or 0.0)
     table = folds[["fname", "label", "manually_verified"]].copy()
     table["verified"] = table["manually_verified"].astype(int)
     table["epsilon"] = np.where(table["verified"] == 1, eps_v, eps_u)
-    source = cfg.get("labels", {}).get("source", "given")
+    source = section(cfg, "labels")["source"]
     if source == "pseudo":
         if not work.labels_csv.exists():
             raise FileNotFoundError(f"{work.labels_csv} is missing: the preset trains on pseudo-labels, "

@@ -15,7 +15,7 @@ from pipeline.workdir import WorkDir, read_json
 
 def summary_lines(cfg: dict, work: WorkDir) -> list[str]:
     lines = []
-    for model in cfg.get("run", {}).get("models", []):
+    for model in cfg["run"]["models"]:
         s = read_json(work.model_dir(model) / "summary.json")
         if not s:
             lines.append(f"{model:>14}: not trained")

@@ -5,6 +5,7 @@ spells a path twice.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 
@@ -208,6 +210,20 @@ def remove_outputs(paths, reason: str, logger=None) -> list[Path]:
 
 def atomic_write_csv(df: pd.DataFrame, path: Path, **kwargs) -> bool:
     return atomic_write_bytes(Path(path), df.to_csv(index=False, **kwargs).encode())
+
+
+def atomic_write_npy(path: Path, array: np.ndarray) -> bool:
+    """One array in ``.npy`` format (readable with ``np.load``, memory-mappable)."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array))
+    return atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def atomic_write_npz(path: Path, arrays: dict) -> bool:
+    """Named arrays in one ``.npz`` (uncompressed)."""
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def atomic_write_json(obj, path: Path) -> bool:

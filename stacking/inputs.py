@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.folds import load_folds
+from pipeline.cv import load_folds
 from pipeline.predictions import class_columns
 from pipeline.workdir import WorkDir
 from stacking.base import Level2Layout, as_extra, check_sample_weight, verified_weights

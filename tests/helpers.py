@@ -208,7 +208,9 @@ def make_tiny_dataset(root, n_classes: int = 3, clips_per_class: int = 8, n_test
 
 
 def tiny_config(**feature_overrides) -> dict:
-    """A small preset for stage tests: two cheap features, one worker, small chunks."""
+    """A small preset for stage tests: two cheap features, one worker, small chunks, no
+    pseudo-labelling; resolved over the schema's defaults, as ``load_config`` returns it."""
+    from pipeline.config import resolve
     features = {
         "logmel": {"kind": "logmel", "sr": 16000, "n_fft": 512, "hop_length": 256, "n_mels": 16,
                    "fmin": 20, "fmax": 8000, "delta_width": 9, "dtype": "float16"},
@@ -216,16 +218,22 @@ def tiny_config(**feature_overrides) -> dict:
     }
     for name, params in feature_overrides.items():
         features[name] = {**features.get(name, {}), **params}
-    return {
+    cfg = resolve({
         "seed": 2018,
         "audio": {"trim_top_db": 60, "silence_peak": 1.0e-4},
         "feature_extraction": {"n_jobs": 1, "chunk_size": 8},
-        "features": features,
         "folds": {"n_folds": 3},
         "training": {"smoothing_verified": 0.05, "smoothing_unverified": 0.3},
-        "models": {"m_logmel": {"feature": "logmel", "window": 16}, "m_wave": {"feature": "wave", "window": 2048}},
+        "models": {"m_logmel": {"builder": "cnn_ref", "feature": "logmel", "window": 16},
+                   "m_wave": {"builder": "wave1d", "feature": "wave", "window": 2048}},
         "run": {"models": ["m_logmel", "m_wave"]},
-    }
+        "pseudo_label": {"enabled": False},
+        "labels": {"source": "given"},
+        "stacking": {"mfcc_feature": None},
+    })
+    cfg["features"] = features  # only these two (not merged with the default features)
+    cfg["models"] = {k: v for k, v in cfg["models"].items() if k in ("m_logmel", "m_wave")}
+    return cfg
 
 
 # ---------------------------------------------------------------------------

@@ -9,11 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.config import ConfigError
+
 from helpers import tiny_config
 from pipeline.audio import preprocess, read_audio
 from pipeline.cache import FeatureStore, feature_key_params, feature_stores
 from pipeline.dataset import load_dataset
-from pipeline.features import clip_table, compute_missing, needed_features, run_features
+from pipeline.extraction import clip_table, compute_missing, needed_features, run_features
 from pipeline.spectral import compute_feature
 from pipeline.workdir import WorkDir, atomic_write_bytes
 
@@ -30,13 +32,23 @@ def work(tmp_path):
 # -- keys ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("param, value", [("sr", 22050), ("n_fft", 1024), ("hop_length", 160), ("n_mels", 32),
-                                          ("fmin", 0), ("fmax", 7000), ("delta_width", 5), ("dtype", "float32"),
-                                          ("kind", "mfcc"), ("n_mfcc", 20)])
+                                          ("fmin", 0), ("fmax", 7000), ("delta_width", 5), ("dtype", "float32")])
 def test_key_changes_with_every_feature_parameter(work, param, value):
     base = FeatureStore(work, "logmel", SPEC, AUDIO)
     changed = FeatureStore(work, "logmel", {**SPEC, param: value}, AUDIO)
     assert changed.key != base.key
     assert changed.root != base.root
+
+
+def test_key_holds_every_default_and_refuses_foreign_parameters(work):
+    mfcc = FeatureStore(work, "m", {"kind": "mfcc"}, AUDIO)
+    assert mfcc.spec["n_mfcc"] == 20 and mfcc.spec["fmax"] is None   # the kind's defaults are part of the key
+    assert FeatureStore(work, "m", {"kind": "mfcc", "n_mfcc": 13}, AUDIO).key != mfcc.key
+    assert FeatureStore(work, "m", {"kind": "mfcc", "n_mfcc": 20}, AUDIO).key == mfcc.key  # explicit default: same
+    with pytest.raises(ConfigError, match="features.m.delta_width"):
+        FeatureStore(work, "m", {"kind": "mfcc", "delta_width": 9}, AUDIO)
+    with pytest.raises(ConfigError, match="unknown feature kind"):
+        FeatureStore(work, "m", {"kind": "chroma"}, AUDIO)
 
 
 @pytest.mark.parametrize("param, value", [("trim_top_db", 40), ("trim_top_db", None), ("silence_peak", 1e-3)])
@@ -49,8 +61,9 @@ def test_key_stable_otherwise(work, tmp_path):
     base = FeatureStore(work, "logmel", SPEC, AUDIO)
     reordered = dict(reversed(list(SPEC.items())))
     assert FeatureStore(work, "logmel", reordered, dict(reversed(list(AUDIO.items())))).key == base.key
-    # settings that do not shape the arrays do not change the key
-    assert FeatureStore(WorkDir(tmp_path / "other"), "logmel", SPEC, {**AUDIO, "unrelated": 3}).key == base.key
+    assert FeatureStore(WorkDir(tmp_path / "other"), "logmel", SPEC, AUDIO).key == base.key  # not the folder
+    with pytest.raises(ConfigError, match="audio.unrelated: unknown setting"):
+        FeatureStore(work, "logmel", SPEC, {**AUDIO, "unrelated": 3})
     assert base.root == work.root / "features" / f"logmel-{base.key}"
     assert feature_key_params(SPEC, AUDIO)["audio"] == AUDIO
     assert FeatureStore(work, "logmel2", SPEC, AUDIO).root != base.root

@@ -4,7 +4,7 @@ clip, shapes, resumability, store key) and the balanced batch policy.
 
 One tiny end-to-end run is shared by the module (tiny widths, 2 folds, 1
 epoch): features -> folds -> train vggish -> embeddings; then mla trains on
-the embeddings through ``pipeline.train.train_model``.
+the embeddings through ``pipeline.fold_training.train_model``.
 """
 from __future__ import annotations
 
@@ -18,15 +18,15 @@ import pytest
 import soundfile as sf
 from helpers import make_tiny_dataset, synth_clip
 
-import pipeline.train
+import pipeline.fold_training
 import pipeline.trainer
-from pipeline import embeddings
-from pipeline.config import load_config, model_config
+import pipeline.embedding_store as embedding_lib
+from pipeline.config import load_config, model_config, resolve
 from pipeline.dataset import load_dataset
-from pipeline.embeddings import (EmbeddingStore, clip_patches, compute_embeddings, embed_arrays, embedding_store,
+from pipeline.embedding_store import (EmbeddingStore, clip_patches, compute_embeddings, embed_arrays, embedding_store,
                                  load_extractor, open_embedding_store)
-from pipeline.features import run_features
-from pipeline.folds import load_folds, run_folds
+from pipeline.extraction import run_features
+from pipeline.cv import load_folds, run_folds
 from pipeline.sampling import BATCH_POLICIES, balanced_batch_size, balanced_order
 from pipeline.trainer import Normalizer, TrainRows
 from pipeline.workdir import WorkDir, atomic_write_json, read_json
@@ -43,10 +43,10 @@ def tiny_cfg() -> dict:
     cfg["models"]["vggish"]["params"] = {"width": 1 / 16, "hidden": 8}
     cfg["models"]["mla"]["params"] = {"units": 16, "levels": 2, "dropout": 0.1}
     cfg["run"]["models"] = ["vggish", "mla"]
-    cfg["stacking"] = {}
+    cfg["stacking"] = {"mfcc_feature": None}
     cfg["pseudo_label"]["enabled"] = False  # these tests are about embeddings: the given labels
     cfg["labels"] = {"source": "given"}
-    return cfg
+    return resolve(cfg)
 
 
 def _lengthen(ds, rng) -> None:
@@ -70,7 +70,7 @@ def run(tmp_path_factory):
     work = WorkDir(root / "work")
     run_features(cfg, ds.root, work, progress=False)
     run_folds(cfg, ds.root, work)
-    pipeline.train.train_model(cfg, ds.root, work, "vggish", progress=False)
+    pipeline.fold_training.train_model(cfg, ds.root, work, "vggish", progress=False)
     store = embedding_store(cfg, work, "vggish", progress=False)
     clips = pd.read_csv(work.clips_csv, dtype={"fname": str})
     test_ok = clips[(clips.split == "test") & (clips.status == "ok")]["fname"].tolist()
@@ -178,7 +178,7 @@ def test_resumes_without_recomputing(run, monkeypatch):
         raise AssertionError("nothing is missing: no extractor should be loaded")
 
     with monkeypatch.context() as m:
-        m.setattr(embeddings, "load_extractor", no_model)
+        m.setattr(embedding_lib, "load_extractor", no_model)
         assert compute_embeddings(run.cfg, run.work, store, progress=False)["clips"] == 0
     before = {f: np.array(store.load(store.test_split(1), f)) for f in run.test_ok}
     # an interrupted fold: its marker and its shards gone -> only those clips are recomputed
@@ -200,7 +200,7 @@ def test_mla_trains_end_to_end_on_embeddings(run, monkeypatch):
         return original(self, split, fname)
 
     monkeypatch.setattr(EmbeddingStore, "load", spy)
-    result = pipeline.train.train_model(run.cfg, run.ds.root, run.work, "mla", progress=False)
+    result = pipeline.fold_training.train_model(run.cfg, run.ds.root, run.work, "mla", progress=False)
     # fold k trains, validates and predicts the test clips in extractor k's space only
     assert splits == {"train-fold0", "train-fold1", "test-fold0", "test-fold1"}
     assert result["input_shape"] == [6, 128] and 0.0 <= result["oof_map3"] <= 1.0

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from helpers import tiny_config
-from pipeline.features import run_features
-from pipeline.folds import load_folds, make_folds, run_folds
+from pipeline.extraction import run_features
+from pipeline.cv import load_folds, make_folds, run_folds
 from pipeline.workdir import WorkDir
 
 
@@ -146,7 +146,7 @@ def test_current_folds_refuses_stale_folds(featured):
     ds, work, cfg = featured
     run_folds(cfg, ds.root, work)
     from pipeline.dataset import load_dataset
-    from pipeline.folds import current_folds
+    from pipeline.cv import current_folds
     dataset = load_dataset(ds.root)
     current_folds(cfg, dataset, work)  # fine
     with pytest.raises(FileNotFoundError, match="pipeline.folds"):

@@ -9,7 +9,7 @@ import pytest
 from pipeline import handcrafted as hc
 from pipeline.cache import FeatureStore
 from pipeline.config import ConfigError, load_config, model_config
-from pipeline.features import needed_features
+from pipeline.extraction import needed_features
 from pipeline.metrics import map_at_3
 from pipeline.spectral import deltas
 from pipeline.trainer import TrainRows

@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.labels import labels_json, table_hash, training_labels
+from pipeline.fingerprints import table_hash
+from pipeline.labels import labels_json, training_labels
 from pipeline.workdir import WorkDir, atomic_write_json
 
 FOLDS = pd.DataFrame({
@@ -23,7 +24,7 @@ def work(tmp_path):
 
 
 def test_given_labels_eps_by_status(work):
-    table = training_labels({"training": TRAINING}, work, FOLDS)
+    table = training_labels({"training": TRAINING, "labels": {"source": "given"}}, work, FOLDS)
     assert list(table.columns) == ["fname", "label", "epsilon", "verified"]
     assert table["fname"].tolist() == FOLDS["fname"].tolist()
     assert table["label"].tolist() == FOLDS["label"].tolist()
@@ -38,7 +39,7 @@ def test_given_labels_follow_the_config(work):
     table = training_labels(cfg, work, FOLDS, train_cfg={"smoothing_verified": 0.1, "smoothing_unverified": None})
     np.testing.assert_allclose(table["epsilon"], [0.1, 0.0, 0.0, 0.1])
     # defaults when the preset says nothing
-    np.testing.assert_allclose(training_labels({}, work, FOLDS)["epsilon"], [0.05, 0.3, 0.3, 0.05])
+    np.testing.assert_allclose(training_labels({"labels": {"source": "given"}}, work, FOLDS)["epsilon"], [0.05, 0.3, 0.3, 0.05])
 
 
 def test_unknown_source(work):
@@ -104,7 +105,7 @@ def test_pseudo_labels_incomplete_fail_clearly(work, text):
 
 
 def test_table_hash_tracks_content(work):
-    t = training_labels({}, work, FOLDS)
+    t = training_labels({"labels": {"source": "given"}}, work, FOLDS)
     assert table_hash(t) == table_hash(t.copy())
     t2 = t.copy()
     t2.loc[1, "epsilon"] = 0.2

@@ -1,4 +1,5 @@
-"""Tests of the pseudo-label verification stage (``pipeline/pseudo_label.py``).
+"""Tests of the pseudo-label verification stage (``pipeline/pseudo_label.py`` over
+``pipeline/labelling.py``, ``verification.py`` and ``verifiers.py``).
 
 Most tests run the real loop and fold runner with the fold trainer replaced
 by a fake (monkeypatch) that records what every "model" trained on and what
@@ -14,11 +15,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline import config as cfgmod
+from pipeline import labelling as lab
 from pipeline import pseudo_label as pl
+from pipeline import verification as ver
+from pipeline import verifiers
 from pipeline.config import load_config
 from pipeline.labels import training_labels
-from pipeline.predictions import geometric_mean, read_table
-from pipeline.workdir import WorkDir
+from pipeline.predictions import geometric_mean, probs_frame, read_table
+from pipeline.workdir import WorkDir, read_json
 
 CLASSES = ["c0", "c1", "c2", "c3"]
 
@@ -110,7 +115,7 @@ def make_cfg(**pl_overrides):
         "enabled": True, "mode": "verify", "verifiers": ["a", "b"],
         "models": {"a": {"builder": "cnn_ref", "feature": "logmel", "window": 16, "params": {"filters": [4]}},
                    "b": {"builder": "cnn_ref", "feature": "logmel", "window": 24, "params": {"filters": [4]}}},
-        "train": {"epochs": 1}, "max_iterations": 5,
+        "train": {"epochs": 1}, "max_iterations": 5, "guard": False,
     }
     cfg["pseudo_label"].update(pl_overrides)
     cfg["labels"] = {"source": "given"}  # these tests set labels.source themselves where it matters
@@ -121,8 +126,8 @@ def make_cfg(**pl_overrides):
 def fake(monkeypatch):
     folds, truth, kind = make_world()
     trainer = FakeTrainer(folds, truth, kind)
-    monkeypatch.setattr(pl, "train_fold", trainer)
-    monkeypatch.setattr(pl, "feature_source", lambda cfg, work, spec: types.SimpleNamespace(key="fake-store"))
+    monkeypatch.setattr(verifiers, "train_fold", trainer)
+    monkeypatch.setattr(verifiers, "verifier_input", lambda cfg, work, spec: types.SimpleNamespace(key="fake-store"))
     return types.SimpleNamespace(folds=folds, truth=truth, kind=kind, trainer=trainer)
 
 
@@ -134,7 +139,7 @@ def clean_table(truth):
 def test_no_model_scores_a_row_it_trained_on(fake, tmp_path):
     work = WorkDir(tmp_path / "work")
     cfg = make_cfg()
-    pl.pseudo_label_stage(cfg, work, fake.folds, CLASSES, clean_table(fake.truth), progress=False)
+    lab.pseudo_label_stage(cfg, work, fake.folds, CLASSES, clean_table(fake.truth), progress=False)
     folds = fake.folds.set_index("fname")
     calls = fake.trainer.calls
     assert calls, "the trainer was never called"
@@ -175,7 +180,7 @@ def test_no_model_scores_a_row_it_trained_on(fake, tmp_path):
 
 def test_outcome_on_planted_labels(fake, tmp_path):
     work = WorkDir(tmp_path / "work")
-    summary = pl.pseudo_label_stage(make_cfg(), work, fake.folds, CLASSES, clean_table(fake.truth), progress=False)
+    summary = lab.pseudo_label_stage(make_cfg(), work, fake.folds, CLASSES, clean_table(fake.truth), progress=False)
     labels = pd.read_csv(work.labels_csv, dtype={"fname": str, "label": str})
     assert list(labels.columns) == ["fname", "label", "status", "epsilon"]
     assert list(labels.fname) == list(fake.folds.fname)
@@ -189,7 +194,7 @@ def test_outcome_on_planted_labels(fake, tmp_path):
             assert final[fname] == fake.truth[fname]
     # iteration 1 accepts the medium rows but disagrees as often as iteration 0: plateau, so it is final
     table = pd.read_csv(work.pseudo_dir / "iterations.csv")
-    assert list(table.columns) == pl.TABLE_COLUMNS
+    assert list(table.columns) == ver.TABLE_COLUMNS
     assert table["iteration"].tolist() == [0, 1]
     assert table["train_rows"].tolist() == [24, 36]
     assert table["newly_accepted"].tolist() == [12, 12]
@@ -197,7 +202,7 @@ def test_outcome_on_planted_labels(fake, tmp_path):
     assert table["remaining_unverified"].tolist() == [20, 4]
     assert (table[["agree_rank1", "agree_rank2", "agree_rank3", "disagree"]].sum(axis=1) == 32).all()
     assert summary["final_iteration"] == 1 and summary["relabelled"] == 4
-    quality = pl.read_json(work.pseudo_dir / "quality.json")
+    quality = read_json(work.pseudo_dir / "quality.json")
     assert quality["accepted_precision"] == 1.0 and quality["accepted_recall"] == 1.0
     assert quality["relabelled_precision"] == 1.0 and quality["relabelled_recall"] == 0.5
     assert quality["unresolved"] == 4 and quality["wrong_given"] == 8
@@ -212,21 +217,21 @@ def test_outcome_on_planted_labels(fake, tmp_path):
 
 def test_rerun_resumes_without_training(fake, tmp_path):
     work = WorkDir(tmp_path / "work")
-    pl.pseudo_label_stage(make_cfg(), work, fake.folds, CLASSES, progress=False)
+    lab.pseudo_label_stage(make_cfg(), work, fake.folds, CLASSES, progress=False)
     first = work.labels_csv.read_text()
     n_calls = len(fake.trainer.calls)
     # a half-finished iteration: its state is gone, its fold folders are still there
     (work.pseudo_dir / "iter1" / "state.json").unlink()
-    pl.pseudo_label_stage(make_cfg(), work, fake.folds, CLASSES, progress=False)
+    lab.pseudo_label_stage(make_cfg(), work, fake.folds, CLASSES, progress=False)
     assert len(fake.trainer.calls) == n_calls, "finished iterations and folds must not retrain"
     assert work.labels_csv.read_text() == first
     # changed thresholds: decided again from the stored predictions, nothing retrains
-    pl.pseudo_label_stage(make_cfg(accept_threshold=0.95), work, fake.folds, CLASSES, progress=False)
+    lab.pseudo_label_stage(make_cfg(accept_threshold=0.95), work, fake.folds, CLASSES, progress=False)
     assert len(fake.trainer.calls) == n_calls
     table = pd.read_csv(work.pseudo_dir / "iterations.csv")
     assert table["iteration"].tolist() == [0]  # nothing passes 0.95: iteration 0 is the last
     # changed verifier settings retrain every fold of every iteration
-    pl.pseudo_label_stage(make_cfg(train={"epochs": 2}), work, fake.folds, CLASSES, progress=False)
+    lab.pseudo_label_stage(make_cfg(train={"epochs": 2}), work, fake.folds, CLASSES, progress=False)
     assert len(fake.trainer.calls) == 2 * n_calls
     assert work.labels_csv.read_text() == first
 
@@ -245,10 +250,10 @@ def test_self_verify_caps_accepted_rows_per_class(fake, monkeypatch, tmp_path):
                 out[i, 0] = peaked((t + 1) % n_classes, 0.9)  # one crop disagrees: never accepted
         return out
 
-    monkeypatch.setattr(pl, "predict_crops", fake_crops)
+    monkeypatch.setattr(verifiers, "predict_crops", fake_crops)
     work = WorkDir(tmp_path / "work")
     cfg = make_cfg(mode="self_verify", verifiers=["a"], crops=5, per_class_cap=2, max_iterations=3)
-    pl.pseudo_label_stage(cfg, work, fake.folds, CLASSES, progress=False)
+    lab.pseudo_label_stage(cfg, work, fake.folds, CLASSES, progress=False)
     for path, fnames in crop_calls:
         assert path.name == "best.keras"
         k = int(path.parent.name.removeprefix("fold"))
@@ -276,14 +281,14 @@ def test_self_verify_rule():
     crops[2, 3] = peaked(1, 0.9, 3)           # one crop disagrees -> rejected despite a high mean
     crops[3, :] = peaked(0, 0.9, 3)           # mean 0.9 < 0.95 -> rejected
     candidates = np.array([1, 1, 1, 1, 0, 1], dtype=bool)  # row 4 was accepted before
-    got = pl.self_verify_mask(crops, given, candidates, 0.95, per_class_cap=40)
+    got = ver.self_verify_mask(crops, given, candidates, 0.95, per_class_cap=40)
     assert got.tolist() == [True, True, False, False, False, True]
-    capped = pl.self_verify_mask(crops, given, candidates, 0.95, per_class_cap=2)
+    capped = ver.self_verify_mask(crops, given, candidates, 0.95, per_class_cap=2)
     assert capped.tolist() == [True, False, False, False, False, True]  # the most confident two
     # the cap is per class
     crops2 = np.concatenate([crops, np.tile(peaked(2, 0.99, 3), (3, 4, 1))])
     given2 = np.concatenate([given, [2, 2, 2]])
-    got2 = pl.self_verify_mask(crops2, given2, np.ones(9, dtype=bool), 0.95, per_class_cap=2)
+    got2 = ver.self_verify_mask(crops2, given2, np.ones(9, dtype=bool), 0.95, per_class_cap=2)
     assert got2[given2 == 0].sum() == 2 and got2[given2 == 2].sum() == 2
 
 
@@ -299,22 +304,22 @@ def test_accept_and_relabel_rules():
     ])
     given = np.zeros(6, dtype=int)
     remaining = np.array([1, 1, 1, 1, 1, 0], dtype=bool)
-    acc, rel = pl.decide(probs, given, remaining, final=False)
+    acc, rel = ver.decide(probs, given, remaining, final=False)
     assert acc.tolist() == [True, False, False, False, False, False]
     assert (rel == -1).all()
-    acc, rel = pl.decide(probs, given, remaining, final=True)
+    acc, rel = ver.decide(probs, given, remaining, final=True)
     assert acc.tolist() == [True, True, True, False, False, False]
     assert rel.tolist() == [-1, -1, -1, 1, -1, -1]
-    acc, rel = pl.decide(probs, given, remaining, final=True, final_accept_threshold=0.55, relabel_threshold=0.8)
+    acc, rel = ver.decide(probs, given, remaining, final=True, final_accept_threshold=0.55, relabel_threshold=0.8)
     assert acc.tolist() == [True, False, False, False, False, False] and (rel == -1).all()
-    assert pl.label_ranks(probs, np.array([0, 0, 0, 0, 2, 1])).tolist() == [1, 1, 1, 2, 3, 2]
+    assert ver.label_ranks(probs, np.array([0, 0, 0, 0, 2, 1])).tolist() == [1, 1, 1, 2, 3, 2]
 
 
 def test_plateau():
-    assert not pl.is_plateau([5])
-    assert not pl.is_plateau([5, 4])
-    assert pl.is_plateau([5, 4, 4])
-    assert pl.is_plateau([5, 6])
+    assert not ver.is_plateau([5])
+    assert not ver.is_plateau([5, 4])
+    assert ver.is_plateau([5, 4, 4])
+    assert ver.is_plateau([5, 6])
 
 
 class ScriptedRunner:
@@ -349,7 +354,7 @@ def scripted_problem():
 def test_loop_stops_at_plateau_and_applies_final_thresholds_there(tmp_path):
     folds, classes, tables = scripted_problem()
     runner = ScriptedRunner(tables)
-    res = pl.verification_loop(folds, classes, pl.settings({"pseudo_label": {"max_iterations": 10}}), runner,
+    res = ver.verification_loop(folds, classes, lab.settings({"pseudo_label": {"max_iterations": 10}}), runner,
                                tmp_path)
     # disagreeing rows fall 3 -> 2 -> 1, then stay at 1: iteration 3 is the plateau and the final one
     assert res.table["disagree"].tolist() == [3, 2, 1, 1]
@@ -369,7 +374,7 @@ def test_loop_stops_at_plateau_and_applies_final_thresholds_there(tmp_path):
 def test_loop_stops_at_the_iteration_cap(tmp_path):
     folds, classes, tables = scripted_problem()
     runner = ScriptedRunner(tables)
-    res = pl.verification_loop(folds, classes, pl.settings({"pseudo_label": {"max_iterations": 2}}), runner, tmp_path)
+    res = ver.verification_loop(folds, classes, lab.settings({"pseudo_label": {"max_iterations": 2}}), runner, tmp_path)
     assert res.final_iteration == 1 and len(runner.train_sizes) == 2
     status = dict(zip(folds.fname, res.status))
     assert status["u1"] == "accepted@1"
@@ -382,7 +387,7 @@ def test_loop_ends_when_nothing_new_is_accepted(tmp_path):
     it1 = tables[0].copy()
     it1[1] = peaked(0, 0.4, 5)  # agrees now (fewer disagreeing rows) but below 0.5
     runner = ScriptedRunner([tables[0], it1, it1])
-    res = pl.verification_loop(folds, classes, pl.settings({}), runner, tmp_path)
+    res = ver.verification_loop(folds, classes, lab.settings({}), runner, tmp_path)
     assert res.table["disagree"].tolist() == [3, 2]  # no plateau, but the training set would not change
     assert res.final_iteration == 1 and len(runner.train_sizes) == 2
     assert dict(zip(folds.fname, res.status))["u1"] == "accepted@1"  # by the final threshold
@@ -390,17 +395,17 @@ def test_loop_ends_when_nothing_new_is_accepted(tmp_path):
 
 def test_epsilon_assignment():
     status = np.array(["verified", "accepted@0", "relabelled@2", "unresolved", "unresolved", "accepted@1"] * 50)
-    eps = pl.assign_epsilon(status, 0.05, 0.1, 0.3, seed=7)
+    eps = ver.assign_epsilon(status, 0.05, 0.1, 0.3, seed=7)
     unres = status == "unresolved"
     assert np.allclose(eps[~unres], 0.05)
     assert ((eps[unres] >= 0.1) & (eps[unres] <= 0.3)).all()
     assert len(np.unique(eps[unres])) == unres.sum()  # drawn per row
-    assert np.array_equal(eps, pl.assign_epsilon(status, 0.05, 0.1, 0.3, seed=7))  # seeded
-    assert not np.array_equal(eps, pl.assign_epsilon(status, 0.05, 0.1, 0.3, seed=8))
+    assert np.array_equal(eps, ver.assign_epsilon(status, 0.05, 0.1, 0.3, seed=7))  # seeded
+    assert not np.array_equal(eps, ver.assign_epsilon(status, 0.05, 0.1, 0.3, seed=8))
     # a row's epsilon does not depend on the other rows' status
     status2 = status.copy()
     status2[3] = "accepted@0"
-    eps2 = pl.assign_epsilon(status2, 0.05, 0.1, 0.3, seed=7)
+    eps2 = ver.assign_epsilon(status2, 0.05, 0.1, 0.3, seed=7)
     assert np.array_equal(eps2[4:], eps[4:])
 
 
@@ -410,9 +415,9 @@ def test_labels_table_round_trip(tmp_path):
                           "manually_verified": [1, 0, 0, 0], "fold": [0, 1, 0, 1]})
     classes = ["x", "y", "z"]
     status = ["verified", "accepted@0", "relabelled@1", "unresolved"]
-    eps = pl.assign_epsilon(status, 0.05, seed=1)
-    table = pl.labels_table(folds, classes, np.array([0, 1, 2, 2]), status, eps)
-    pl.write_labels_table(work, table, folds)
+    eps = ver.assign_epsilon(status, 0.05, seed=1)
+    table = ver.labels_table(folds, classes, np.array([0, 1, 2, 2]), status, eps)
+    lab.write_labels_table(work, table, folds)
     cfg = {"labels": {"source": "pseudo"}, "training": {"smoothing_verified": 0.05}}
     back = training_labels(cfg, work, folds)
     assert back["label"].tolist() == ["x", "y", "z", "z"]
@@ -425,7 +430,7 @@ def test_modes_without_verification_leave_labels_alone(mode, fake, tmp_path):
     work = WorkDir(tmp_path)
     cfg = make_cfg(mode=mode)
     cfg["training"]["loss_masking"] = 0.8 if mode == "loss_masking" else None
-    pl.pseudo_label_stage(cfg, work, fake.folds, CLASSES, progress=False)
+    lab.pseudo_label_stage(cfg, work, fake.folds, CLASSES, progress=False)
     assert not fake.trainer.calls
     labels = pd.read_csv(work.labels_csv, dtype={"fname": str, "label": str})
     assert labels["label"].tolist() == fake.folds["label"].tolist()
@@ -440,25 +445,25 @@ def test_modes_without_verification_leave_labels_alone(mode, fake, tmp_path):
 def test_skipped_stage(fake, tmp_path, capsys):
     work = WorkDir(tmp_path)
     cfg = make_cfg(enabled=False)
-    assert pl.pseudo_label_stage(cfg, work, fake.folds, CLASSES)["skipped"]
+    assert lab.pseudo_label_stage(cfg, work, fake.folds, CLASSES)["skipped"]
     assert not work.labels_csv.exists() and "skipped" in capsys.readouterr().out
     cfg["labels"] = {"source": "pseudo"}
-    pl.pseudo_label_stage(cfg, work, fake.folds, CLASSES)
+    lab.pseudo_label_stage(cfg, work, fake.folds, CLASSES)
     assert pd.read_csv(work.labels_csv)["label"].tolist() == fake.folds["label"].tolist()
     all_verified = fake.folds.assign(manually_verified=1)
     work2 = WorkDir(tmp_path / "w2")
-    assert "non-verified" in pl.pseudo_label_stage(make_cfg(), work2, all_verified, CLASSES)["skipped"]
+    assert "non-verified" in lab.pseudo_label_stage(make_cfg(), work2, all_verified, CLASSES)["skipped"]
     assert not fake.trainer.calls
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(pl.ConfigError):
-        pl.settings({"pseudo_label": {"mode": "vote"}})
-    with pytest.raises(pl.ConfigError):
-        pl.settings({"pseudo_label": {"accept_threshold": 1.5}})
-    with pytest.raises(pl.ConfigError):
-        pl.settings({"pseudo_label": {"max_iterations": 0}})
-    assert pl.settings(load_config("quick"))["mode"] in pl.MODES
+    with pytest.raises(cfgmod.ConfigError):
+        lab.settings({"pseudo_label": {"mode": "vote"}})
+    with pytest.raises(cfgmod.ConfigError):
+        lab.settings({"pseudo_label": {"accept_threshold": 1.5}})
+    with pytest.raises(cfgmod.ConfigError):
+        lab.settings({"pseudo_label": {"max_iterations": 0}})
+    assert lab.settings(load_config("quick"))["mode"] in ver.MODES
 
 
 # -- one small real run -------------------------------------------------------
@@ -494,8 +499,8 @@ def _tiny_dataset(root: Path, per_class: int = 10, test_per_class: int = 2, seed
 
 
 def test_real_run_on_a_tiny_dataset(tmp_path):
-    from pipeline.features import run_features
-    from pipeline.folds import run_folds
+    from pipeline.extraction import run_features
+    from pipeline.cv import run_folds
     data = _tiny_dataset(tmp_path / "data")
     sets = ["run.models=[]", "stacking.mfcc_feature=null", "feature_extraction.n_jobs=1", "features.logmel.n_mels=16",
             "folds.n_folds=2", "models.cnn_ref.window=16", "models.cnn_ref.params.filters=[4,8]",
@@ -513,7 +518,7 @@ def test_real_run_on_a_tiny_dataset(tmp_path):
     assert labels["fname"].tolist() == folds["fname"].tolist()
     assert labels["status"].str.match(r"^(verified|accepted@\d+|relabelled@\d+|unresolved)$").all()
     table = pd.read_csv(work.pseudo_dir / "iterations.csv")
-    assert list(table.columns) == pl.TABLE_COLUMNS and 1 <= len(table) <= 2
+    assert list(table.columns) == ver.TABLE_COLUMNS and 1 <= len(table) <= 2
     assert (work.pseudo_dir / "iter0" / "cnn_ref" / "fold0" / "best.keras").exists()
     assert (work.pseudo_dir / "iter0" / "cnn_ref" / "fold1" / "summary.json").exists()
     assert (work.pseudo_dir / "quality.json").exists()
@@ -534,11 +539,11 @@ def test_calibrated_threshold_by_hand():
     probs = np.stack([peaked(i, p, 5) for i, p in enumerate([0.9, 0.8, 0.7, 0.6, 0.5])])
     labels = np.array([0, 1, 0, 3, 0])
     # prefixes by confidence: precision 1, 1, 2/3, 3/4, 3/5
-    t = pl.calibrated_threshold(probs, labels, precision=0.75, min_support=1)
+    t = ver.calibrated_threshold(probs, labels, precision=0.75, min_support=1)
     assert 0.59 < t < 0.6                      # keeps the 0.6 row: 3 of 4 right
-    assert 0.79 < pl.calibrated_threshold(probs, labels, precision=1.0, min_support=1) < 0.8
-    assert pl.calibrated_threshold(probs, labels, precision=1.0, min_support=3) is None
-    assert pl.calibrated_threshold(probs, labels, precision=0.5, min_support=6) is None   # too few rows
+    assert 0.79 < ver.calibrated_threshold(probs, labels, precision=1.0, min_support=1) < 0.8
+    assert ver.calibrated_threshold(probs, labels, precision=1.0, min_support=3) is None
+    assert ver.calibrated_threshold(probs, labels, precision=0.5, min_support=6) is None   # too few rows
 
 
 class CalibratedRunner(ScriptedRunner):
@@ -551,38 +556,38 @@ class CalibratedRunner(ScriptedRunner):
     def __call__(self, iteration, train_df, pool_df, iter_dir):
         right = self.calib_right[iteration]
         rows = [peaked(0, 0.9, 5) if right else peaked(1, 0.9, 5) for _ in range(len(train_df))]
-        self.calibration = pl.probs_frame(train_df["fname"], np.stack(rows), [f"c{i}" for i in range(5)])
+        self.calibration = probs_frame(train_df["fname"], np.stack(rows), [f"c{i}" for i in range(5)])
         return super().__call__(iteration, train_df, pool_df, iter_dir)
 
 
 def test_guard_switches_off_decisions_its_record_does_not_support(tmp_path):
     folds, classes, tables = scripted_problem()
-    s = pl.settings({"pseudo_label": {"guard": True, "min_support": 1, "max_iterations": 3}})
+    s = lab.settings({"pseudo_label": {"guard": True, "min_support": 1, "max_iterations": 3}})
     # the verifiers get every verified row wrong: no confidence is precise enough
-    result = pl.verification_loop(folds, classes, s, CalibratedRunner(tables, [False, False, False]), tmp_path)
+    result = ver.verification_loop(folds, classes, s, CalibratedRunner(tables, [False, False, False]), tmp_path)
     assert result.guard["relabel_threshold"] == 1.0 and result.guard["accept_threshold"] == 1.0
-    assert result.relabelled == 0 and set(result.status[2:]) == {pl.UNRESOLVED}
+    assert result.relabelled == 0 and set(result.status[2:]) == {ver.UNRESOLVED}
     assert (tmp_path / "iter0" / "calibration.csv").exists()
     # without the guard the same tables accept and relabel rows
-    plain = pl.verification_loop(folds, classes, pl.settings({"pseudo_label": {"max_iterations": 3}}),
+    plain = ver.verification_loop(folds, classes, lab.settings({"pseudo_label": {"max_iterations": 3}}),
                                  ScriptedRunner(tables), tmp_path / "plain")
     assert plain.relabelled > 0 or any(str(st).startswith("accepted") for st in plain.status)
 
 
 def test_guard_falls_back_when_accepted_rows_hurt(tmp_path):
     folds, classes, tables = scripted_problem()
-    s = pl.settings({"pseudo_label": {"guard": True, "min_support": 1, "max_iterations": 3}})
+    s = lab.settings({"pseudo_label": {"guard": True, "min_support": 1, "max_iterations": 3}})
     # right on the verified rows at iteration 0, wrong once accepted rows joined the training set
-    result = pl.verification_loop(folds, classes, s, CalibratedRunner(tables, [True, False, False]), tmp_path)
+    result = ver.verification_loop(folds, classes, s, CalibratedRunner(tables, [True, False, False]), tmp_path)
     assert "fell from" in result.guard["fallback"]
-    assert result.relabelled == 0 and set(result.status[2:]) == {pl.UNRESOLVED}
+    assert result.relabelled == 0 and set(result.status[2:]) == {ver.UNRESOLVED}
 
 
 def test_handcrafted_verifier_with_the_guard_on_a_tiny_dataset(tmp_path):
     """A handcrafted model verifies (no Keras), the guard records its thresholds,
     and labels.csv is written for every row of folds.csv."""
-    from pipeline.features import run_features
-    from pipeline.folds import run_folds
+    from pipeline.extraction import run_features
+    from pipeline.cv import run_folds
     data = _tiny_dataset(tmp_path / "data", per_class=12)
     sets = ["run.models=[]", "stacking.mfcc_feature=null", "feature_extraction.n_jobs=1", "folds.n_folds=2",
             "pseudo_label.enabled=true", "pseudo_label.verifiers=[stats_lr]", "pseudo_label.max_iterations=2",
@@ -593,7 +598,7 @@ def test_handcrafted_verifier_with_the_guard_on_a_tiny_dataset(tmp_path):
     run_folds(cfg, data, work)
     from pipeline.dataset import load_dataset
     folds = pd.read_csv(work.folds_csv, dtype={"fname": str, "label": str})
-    summary = pl.pseudo_label_stage(cfg, work, folds, load_dataset(data).classes, progress=False)
+    summary = lab.pseudo_label_stage(cfg, work, folds, load_dataset(data).classes, progress=False)
     guard = summary["guard"]
     assert guard["calibration_rows"] > 0 and 0.0 <= guard["relabel_threshold"] <= 1.0
     assert (work.pseudo_dir / "iter0" / "stats_lr" / "fold0" / "model.joblib").exists()

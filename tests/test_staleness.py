@@ -243,9 +243,9 @@ def _stage_cli(*args, cwd=REPO) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("sets, expect", [
-    (["training.epochs=abc"], "training.epochs = 'abc': expected int"),
-    (["training.epochs=0"], "training.epochs = 0: must be >= 1"),
-    (["folds.n_folds=1"], "folds.n_folds = 1: must be >= 2"),
+    (["training.epochs=abc"], "training.epochs = 'abc': input should be a valid integer"),
+    (["training.epochs=0"], "training.epochs = 0: input should be greater than or equal to 1"),
+    (["folds.n_folds=1"], "folds.n_folds = 1: input should be greater than or equal to 2"),
     (["training.epoch=6"], "did you mean epochs"),
 ])
 def test_bad_settings_fail_in_the_first_second(tmp_path, sets, expect):

@@ -1,0 +1,171 @@
+"""The verifiers of pseudo-label verification: each model trained over the shared folds.
+
+:class:`FoldVerifiers` is the ``runner`` of
+:func:`pipeline.verification.verification_loop` in a real run: for every
+iteration it trains each verifier (a network with the shared fold trainer,
+or a handcrafted model) over the folds and predicts the non-verified rows
+out of fold. Keras is imported only when a network verifier trains.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import ConfigError, verifier_config
+from pipeline.fingerprints import param_hash
+from pipeline.predictions import geometric_mean, probs_frame, read_table, write_table
+from pipeline.workdir import WorkDir, atomic_write_json, atomic_write_npy, read_json
+
+log = logging.getLogger("pseudo_label")
+
+def train_fold(*args, **kwargs):
+    """:func:`pipeline.trainer.train_fold` (an indirection tests can replace)."""
+    from pipeline.trainer import train_fold as real
+    return real(*args, **kwargs)
+
+
+def fold_fingerprint(*args, **kwargs) -> str:
+    from pipeline.trainer import fold_fingerprint as real
+    return real(*args, **kwargs)
+
+
+def verifier_input(cfg: dict, work: WorkDir, spec: dict):
+    """What a verifier reads: the cached feature (or embeddings) a network
+    reads, or for a handcrafted model its features' stores (``.stores``)."""
+    from pipeline.handcrafted import handcrafted_features, is_handcrafted
+    if is_handcrafted(spec):
+        from types import SimpleNamespace
+
+        from pipeline.cache import feature_stores
+        stores = feature_stores(work, cfg, handcrafted_features(spec))
+        return SimpleNamespace(stores=stores, key=param_hash({n: st.key for n, st in stores.items()}, 16))
+    from pipeline.fold_training import model_input
+    return model_input(cfg, work, spec)
+
+
+def predict_crops(model_path: Path, spec: dict, store, fnames: list[str], n_crops: int, seed: int,
+                  n_classes: int, chunk: int = 64) -> np.ndarray:
+    """(rows, crops, classes): ``n_crops`` random windows of each clip (seeded
+    ``pipeline.windows.random_window``) predicted by the saved fold model."""
+    out = np.zeros((len(fnames), int(n_crops), n_classes), dtype=np.float32)
+    if not fnames:
+        return out
+    from pipeline.trainer import Normalizer, load_saved_model
+    from pipeline.windows import random_window
+    model = load_saved_model(model_path)
+    normalizer = Normalizer(store.stats() if spec["normalize"] else None)
+    window, bs = int(spec["window"]), int(spec["train"]["eval_batch_size"])
+    rng = np.random.default_rng([int(seed), 25])
+    for start in range(0, len(fnames), chunk):
+        part = fnames[start:start + chunk]
+        x = np.stack([random_window(store.load("train", f), window, rng) for f in part for _ in range(int(n_crops))])
+        probs = model.predict(normalizer(x), batch_size=bs, verbose=0)
+        out[start:start + len(part)] = probs.reshape(len(part), int(n_crops), -1)
+    return out
+
+
+class FoldVerifiers:
+    """Trains each verifier over the folds with the shared fold trainer.
+
+    For fold k: train on the training-set rows with fold != k, validate
+    (early stopping) on the training-set rows with fold == k, predict the
+    pool rows with fold == k (``test_split="train"``). Verifiers are combined
+    by geometric mean.
+    """
+
+    def __init__(self, cfg: dict, work: WorkDir, s: dict, classes: list[str], progress: bool = True,
+                 data_hash: str = ""):
+        self._model_caches: dict[str, dict] = {}  # verifier -> compiled model reused across folds
+        self.cfg, self.work, self.s, self.classes, self.progress = cfg, work, s, list(classes), progress
+        self.seed = int(cfg["seed"])
+        self.specs = {v: verifier_config(cfg, v) for v in s["verifiers"]}
+        self.stores = {v: verifier_input(cfg, work, spec) for v, spec in self.specs.items()}
+        self.want_crops = s["mode"] == "self_verify"
+        handcrafted = [v for v, st in self.stores.items() if hasattr(st, "stores")]
+        if self.want_crops and handcrafted:
+            raise ConfigError(f"pseudo_label.mode self_verify predicts random crops; handcrafted verifier(s) "
+                              f"{handcrafted} read whole clips: use mode verify or network verifiers")
+        self.data_hash = data_hash
+        self.fingerprint = param_hash({"specs": self.specs, "stores": {v: st.key for v, st in self.stores.items()},
+                                       "seed": self.seed, "data": data_hash, "crops": int(s["crops"]) if self.want_crops else None}, 16)
+
+    def __call__(self, iteration: int, train_df: pd.DataFrame, pool_df: pd.DataFrame, iter_dir: Path):
+        cidx = {c: i for i, c in enumerate(self.classes)}
+        n_classes = len(self.classes)
+        folds_all = sorted(set(train_df["fold"]) | set(pool_df["fold"]))
+        train_hash = param_hash(pd.util.hash_pandas_object(train_df, index=False).tolist(), 16)
+        pool_hash = param_hash(pd.util.hash_pandas_object(pool_df, index=False).tolist(), 16)
+        all_probs, all_crops, all_val = [], [], []
+        for v, spec in self.specs.items():
+            store = self.stores[v]
+            val_probs = np.zeros((len(train_df), n_classes))  # out-of-fold, of the training-set rows
+            probs = np.zeros((len(pool_df), n_classes))
+            crops = np.zeros((len(pool_df), int(self.s["crops"]), n_classes)) if self.want_crops else None
+            for k in folds_all:
+                tr = train_df[train_df["fold"] != k]
+                val = train_df[train_df["fold"] == k]
+                pmask = (pool_df["fold"] == k).to_numpy()
+                pred_fnames = pool_df.loc[pmask, "fname"].tolist()
+                if tr.empty or val.empty:
+                    raise ValueError(f"pseudo-labelling iteration {iteration}, fold {k}: the training set has "
+                                     f"{len(tr)} row(s) outside the fold and {len(val)} inside it; every fold "
+                                     "needs verified rows (too few folds or verified clips?)")
+                fold_dir = iter_dir / v / f"fold{k}"
+                fp = fold_fingerprint(spec, store.key, train_hash, pool_hash, self.seed, self.data_hash)
+                summary = read_json(fold_dir / "summary.json")
+                done = (summary and summary.get("fingerprint") == fp and (fold_dir / "pred.csv").exists()
+                        and (fold_dir / "val.csv").exists()
+                        and (not self.want_crops or (fold_dir / "crops.npy").exists()))
+                if done:
+                    log.info("%s iteration %d fold %d: done, skipping", v, iteration, k)
+                else:
+                    from pipeline.trainer import TrainRows
+                    eps = float(spec["train"]["smoothing_verified"] or 0.0)
+                    rows = TrainRows(fnames=tr["fname"].tolist(), labels=tr["label"].map(cidx).to_numpy(),
+                                     epsilon=np.full(len(tr), eps, dtype=np.float32),
+                                     verified=np.ones(len(tr), dtype=int))
+                    log.info("%s iteration %d fold %d: training on %d rows, validating on %d, predicting %d",
+                             v, iteration, k, len(tr), len(val), len(pred_fnames))
+                    if hasattr(store, "stores"):  # a handcrafted verifier (cheap, and often the strongest)
+                        from pipeline.handcrafted import train_handcrafted_fold
+                        result = train_handcrafted_fold(spec, store.stores, rows, val["fname"].tolist(),
+                                                        val["label"].map(cidx).to_numpy(), pred_fnames, n_classes,
+                                                        fold_dir, self.seed, k, test_split="train", fingerprint=fp)
+                    else:
+                        result = train_fold(spec, store, rows, val["fname"].tolist(),
+                                            val["label"].map(cidx).to_numpy(), pred_fnames, n_classes, fold_dir,
+                                            self.seed, k, fp, progress=self.progress, val_split="train",
+                                            test_split="train", model_cache=self._model_caches.setdefault(v, {}))
+                    pred = result.test if result.test is not None else np.zeros((0, n_classes))
+                    write_table(probs_frame(pred_fnames, pred, self.classes), fold_dir / "pred.csv")
+                    write_table(probs_frame(val["fname"], result.oof, self.classes), fold_dir / "val.csv")
+                    if self.want_crops:
+                        atomic_write_npy(fold_dir / "crops.npy",
+                                         predict_crops(fold_dir / "best.keras", spec, store, pred_fnames,
+                                                       int(self.s["crops"]), self.seed * 1000 + iteration * 100 + k,
+                                                       n_classes))
+                    atomic_write_json({**result.summary, "fingerprint": fp, "iteration": iteration,
+                                       "predicted_rows": len(pred_fnames)}, fold_dir / "summary.json")
+                table = read_table(fold_dir / "pred.csv", self.classes)
+                probs[pmask] = table.set_index("fname").loc[pred_fnames, self.classes].to_numpy() \
+                    if pred_fnames else np.zeros((0, n_classes))
+                if self.want_crops:
+                    crops[pmask] = np.load(fold_dir / "crops.npy")
+                vmask = (train_df["fold"] == k).to_numpy()
+                val_probs[vmask] = read_table(fold_dir / "val.csv", self.classes).set_index("fname") \
+                    .loc[train_df.loc[vmask, "fname"], self.classes].to_numpy()
+            write_table(probs_frame(pool_df["fname"], probs, self.classes, pool_df["fold"]),
+                        iter_dir / v / "predictions.csv")
+            all_probs.append(probs)
+            all_crops.append(crops)
+            all_val.append(val_probs)
+        # the guard's evidence: how right the ensemble is, out of fold, on rows of the training set
+        self.calibration = probs_frame(train_df["fname"], geometric_mean(all_val), self.classes)
+        ensemble = geometric_mean(all_probs) if len(pool_df) else np.zeros((0, n_classes))
+        crop_ens = (geometric_mean(all_crops) if len(pool_df) else all_crops[0]) if self.want_crops else None
+        return ensemble, crop_ens
+
+
