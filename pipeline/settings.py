@@ -400,14 +400,14 @@ class LightgbmStacker(Section):
     """shrinkage"""
     max_depth: int = 3
     """tree depth"""
-    num_leaves: int = Field(8, ge=2)
-    """leaves per tree"""
-    min_child_samples: int = Field(20, ge=1)
-    """rows per leaf at least"""
+    num_leaves: int | list[int] = 8
+    """leaves per tree (a list: a grid chosen by inner CV; cost 3-5x and did not help on the demo)"""
+    min_child_samples: int | list[int] = 20
+    """rows per leaf at least (a list: a grid, as num_leaves)"""
     n_jobs: int = 1
     """threads"""
-    inner_folds: int = Field(3, ge=2)
-    """inner CV folds that pick the number of trees"""
+    inner_folds: int = Field(3, ge=0)
+    """inner CV folds that pick the number of trees (< 2: n_estimators trees, no inner CV)"""
     early_stopping_rounds: int = Field(30, ge=1)
     """inner CV: stop after this many rounds without gain"""
 
@@ -438,8 +438,8 @@ class Stacking(Section):
     """auto: SEs of the paired difference a challenger must lead by"""
     switch_se: Literal["rows", "folds", "max"] = "max"
     """auto: SE over rows, over folds, or the larger"""
-    unverified_weight: float = Field(0.6, ge=0)
-    """sample weight of non-verified rows in the level-2 fit"""
+    unverified_weight: float | None = Field(0.6, ge=0)
+    """sample weight of non-verified rows in every level-2 fit (null: 1)"""
     weights: dict[str, float] | None = None
     """model -> weight for the fixed blends (null: equal)"""
     mfcc_feature: str | None = "mfcc"

@@ -15,7 +15,7 @@ from sklearn.base import clone
 from pipeline.config import load_config
 from pipeline.predictions import normalize_rows
 from stacking import learners as learners_mod
-from stacking import stack
+from stacking import level2
 from stacking.base import Level2Estimator, Level2Layout
 from stacking.blends import LearnedGeometricBlend, RankBlend
 from stacking.evaluate import cross_validated_predictions, fit_final
@@ -65,7 +65,7 @@ def test_registry_holds_each_learner_once_and_settings_follow_it():
                                                         "learned": "blend", "logreg": "stacker",
                                                         "lightgbm": "stacker"}
     assert [n for n, s in REGISTRY.items() if s.extra_features] == ["lightgbm"]
-    assert stack.stacking_settings({})["learners"] == BUILT_IN
+    assert level2.stacking_settings({})["learners"] == BUILT_IN
     with pytest.raises(ValueError, match="already registered"):
         register("mean", "blend", lambda s, layout, seed: None)
     with pytest.raises(ValueError, match="kind"):
@@ -74,9 +74,9 @@ def test_registry_holds_each_learner_once_and_settings_follow_it():
 
 
 def test_registered_learners_build_from_settings_and_clone():
-    settings = stack.stacking_settings({"stacking": {"weights": {"a": 2.0, "gone": 1.0}}})
+    settings = level2.stacking_settings({"stacking": {"weights": {"a": 2.0, "gone": 1.0}}})
     layout = Level2Layout(("a", "b"), ("x", "y", "z"))
-    built = stack.build_learners(settings, layout, seed=7)
+    built = level2.build_learners(settings, layout, seed=7)
     assert list(built) == BUILT_IN
     assert built["mean"].weights == {"a": 2.0}  # weights of models that are not stacked are dropped
     assert built["logreg"].random_state == 7 and built["logreg"].C == settings["logreg"]["C"]
@@ -91,10 +91,10 @@ def test_the_stage_scores_what_is_registered(tmp_path, restore_logging, prior_le
     spec, seen = prior_learner
     data, work, cfg_path, _ = make_stage_dirs(tmp_path, with_mfcc=False)
     cfg = load_config(str(cfg_path))
-    assert stack.stacking_settings(cfg)["learners"] == BUILT_IN + ["prior"]
+    assert level2.stacking_settings(cfg)["learners"] == BUILT_IN + ["prior"]
     # stacking.learners not given: every registered learner is scored, in registration order
     cfg["stacking"].update(lightgbm={"n_estimators": 10, "inner_folds": 0}, logreg={"C": 1.0})
-    stack.run_stacking(cfg, data, work)
+    level2.run_stacking(cfg, data, work)
     scores = pd.read_csv(work.stacking_dir / "scores.csv")
     assert list(scores["name"]) == ["good", "noise"] + BUILT_IN + ["prior"]
     assert scores.set_index("name").loc["prior", "kind"] == "stacker"
@@ -102,7 +102,7 @@ def test_the_stage_scores_what_is_registered(tmp_path, restore_logging, prior_le
     assert seen and seen[-1] == (Level2Layout(("good", "noise"), tuple("abcde")), 1)
     # given: only those, in the order given
     cfg["stacking"]["learners"] = ["prior", "mean"]
-    out = stack.run_stacking(cfg, data, work)
+    out = level2.run_stacking(cfg, data, work)
     scores = pd.read_csv(work.stacking_dir / "scores.csv")
     assert list(scores["name"]) == ["good", "noise", "prior", "mean"]
     assert list(scores["kind"]) == ["model", "model", "stacker", "blend"]

@@ -14,7 +14,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.metrics import map_at_3
 from pipeline.report import Scores, stacking_score_table, stacking_selection_lines
 from pipeline.summary import summary_lines
-from stacking import stack
+from stacking import level2, selection
 from stacking.base import Level2Estimator
 from stacking.blends import GeometricMeanBlend, LearnedGeometricBlend, MeanBlend
 from stacking.evaluate import (cross_validated_predictions, evaluate, fold_standard_error, paired_difference,
@@ -87,45 +87,45 @@ def test_rule_keeps_default_when_the_lead_is_noise(lookup_case):
     ev = _evaluate(inputs, tables, ["default", "noisy_win"])
     s = ev.scores.set_index("name")
     assert s.loc["noisy_win", "map3_all"] > s.loc["default", "map3_all"]  # the old argmax rule switches ...
-    assert stack.choose_final(ev, "best") == "noisy_win"
+    assert selection.choose_final(ev, "best") == "noisy_win"
     assert s.loc["noisy_win", "diff_vs_default"] == pytest.approx(1 / N)
     assert s.loc["noisy_win", "diff_vs_default"] < s.loc["noisy_win", "diff_se"]
-    sel = stack.select_final(ev, "auto", "default", switch_margin_se=1.0)  # ... the rule does not
+    sel = selection.select_final(ev, "auto", "default", switch_margin_se=1.0)  # ... the rule does not
     assert sel.final == "default" and not sel.switched and sel.candidate == "noisy_win"
     assert sel.candidate_diff == pytest.approx(1 / N) and sel.candidate_diff_se > 1 / N
     assert "kept the default" in sel.sentence() and "noisy_win +0.0033" in sel.sentence()
     # k = 0: any positive lead switches
-    assert stack.choose_final(ev, "auto", "default", switch_margin_se=0.0) == "noisy_win"
+    assert selection.choose_final(ev, "auto", "default", switch_margin_se=0.0) == "noisy_win"
 
 
 def test_rule_switches_to_a_clearly_better_learner(lookup_case):
     inputs, tables = lookup_case
     ev = _evaluate(inputs, tables, ["default", "noisy_win", "clear_win"])
-    sel = stack.select_final(ev, "auto", "default", switch_margin_se=1.0)
+    sel = selection.select_final(ev, "auto", "default", switch_margin_se=1.0)
     assert sel.final == "clear_win" and sel.switched
     d = ev.difference("clear_win", "default")
     assert d.diff == pytest.approx(38 / N) and d.diff > 3 * d.se("max")
     assert sel.final_diff == pytest.approx(38 / N) and "switched to clear_win" in sel.sentence()
     # an extreme margin keeps the default even then
-    assert stack.choose_final(ev, "auto", "default", switch_margin_se=50.0) == "default"
+    assert selection.choose_final(ev, "auto", "default", switch_margin_se=50.0) == "default"
 
 
 def test_final_can_be_forced_by_name(lookup_case):
     inputs, tables = lookup_case
     ev = _evaluate(inputs, tables, ["default", "noisy_win", "clear_win"])
-    sel = stack.select_final(ev, "noisy_win", "default")
+    sel = selection.select_final(ev, "noisy_win", "default")
     assert sel.final == "noisy_win" and sel.rule == "forced" and sel.default == "default"
     assert "forced" in sel.sentence()
-    assert stack.choose_final(ev, "m1", "default") == "m1"  # a single model can be forced too
+    assert selection.choose_final(ev, "m1", "default") == "m1"  # a single model can be forced too
     with pytest.raises(ConfigError, match="zzz"):
-        stack.choose_final(ev, "zzz", "default")
+        selection.choose_final(ev, "zzz", "default")
 
 
 def test_a_model_never_switched_to_on_noise_either(lookup_case):
     """Single models are candidates too, under the same rule."""
     inputs, tables = lookup_case
     ev = _evaluate(inputs, tables, ["default"])
-    assert stack.select_final(ev, "auto", "default").final == "default"
+    assert selection.select_final(ev, "auto", "default").final == "default"
 
 
 # ---------------------------------------------------------------------------
@@ -231,14 +231,14 @@ def test_inner_cv_keeps_trees_when_there_is_signal():
 # ---------------------------------------------------------------------------
 # settings, the stage, the report and the printed summary
 def test_settings_defaults_and_refusals():
-    s = stack.stacking_settings({})
+    s = level2.stacking_settings({})
     assert s["final"] == "auto" and s["default"] == "learned" and s["switch_margin_se"] == 1.0
     assert s["logreg"]["per_model_weights"] and s["logreg"]["class_bias"] and len(s["logreg"]["C"]) > 1
     assert "learned" in s["learners"]
     for bad in ({"switch_margin_se": -1}, {"switch_margin_se": "one"}, {"switch_se": "fold"},
                 {"learned": {"temperature": 2}}, {"final": 3}):
         with pytest.raises(ConfigError):
-            stack.stacking_settings({"stacking": bad})
+            level2.stacking_settings({"stacking": bad})
 
 
 def test_stage_records_the_choice_and_forcing_works(tmp_path, restore_logging, capsys):
@@ -246,7 +246,7 @@ def test_stage_records_the_choice_and_forcing_works(tmp_path, restore_logging, c
     cfg = load_config(str(cfg_path))
     cfg["stacking"].update(learners=["geomean", "mean", "learned", "logreg"], switch_margin_se=1.0,
                            default="geomean")
-    out = stack.run_stacking(cfg, data, work)
+    out = level2.run_stacking(cfg, data, work)
     d = work.stacking_dir
     summary = json.loads((d / "summary.json").read_text())
     scores = pd.read_csv(d / "scores.csv").set_index("name")
@@ -275,13 +275,13 @@ def test_stage_records_the_choice_and_forcing_works(tmp_path, restore_logging, c
 
     # forcing by name; "best" is the old argmax
     cfg["stacking"]["final"] = "mean"
-    forced = stack.run_stacking(cfg, data, work)
+    forced = level2.run_stacking(cfg, data, work)
     assert forced["final"] == "mean" and forced["selection"]["rule"] == "forced"
     assert pd.read_csv(work.submission_csv).equals(pd.read_csv(d / "submissions" / "mean.csv"))
     cfg["stacking"]["final"] = "best"
-    best = stack.run_stacking(cfg, data, work)
+    best = level2.run_stacking(cfg, data, work)
     assert best["final"] == pd.read_csv(d / "scores.csv").set_index("name")["map3_all"].idxmax()
     # a default that is not scored falls back to the first configured learner
     cfg["stacking"].update(final="auto", default="rank", learners=["mean", "logreg"], switch_margin_se=100.0)
-    fallback = stack.run_stacking(cfg, data, work)
+    fallback = level2.run_stacking(cfg, data, work)
     assert fallback["default"] == "mean" and fallback["final"] == "mean"

@@ -25,7 +25,7 @@ from stacking.evaluate import cross_validated_predictions, evaluate
 from stacking.features import mfcc_statistics
 from stacking.inputs import level2_inputs, load_level2_inputs
 from stacking.learners import LightGBMStacker, LogisticFusion
-from stacking import stack
+from stacking import level2, stack
 
 CHANCE_10 = (1 + 1 / 2 + 1 / 3) / 10  # MAP@3 of a random ranking over 10 classes
 
@@ -436,12 +436,12 @@ def test_stage_end_to_end(tmp_path, restore_logging, capsys):
     # a rerun with unchanged inputs skips; a changed input table reruns
     mtime = os.stat(d / "scores.csv").st_mtime_ns
     cfg = load_config(str(cfg_path))
-    assert stack.run_stacking(cfg, data, work)["skipped"] is True
+    assert level2.run_stacking(cfg, data, work)["skipped"] is True
     assert os.stat(d / "scores.csv").st_mtime_ns == mtime
     os.utime(work.oof_csv("noise"), ns=(1_000_000_000, 1_000_000_000))
     cfg["stacking"]["final"] = "logreg"
     cfg["stacking"]["learners"] = ["geomean", "logreg"]
-    again = stack.run_stacking(cfg, data, work)
+    again = level2.run_stacking(cfg, data, work)
     assert again["skipped"] is False and again["final"] == "logreg"
     assert pd.read_csv(work.submission_csv).equals(pd.read_csv(d / "submissions" / "logreg.csv"))
     assert sorted(p.name for p in d.glob("*_oof.csv")) == ["geomean_oof.csv", "logreg_oof.csv"]
@@ -452,7 +452,7 @@ def test_stage_refuses_bad_tables_and_runs_without_mfcc(tmp_path, restore_loggin
     data, work, cfg_path, _ = make_stage_dirs(tmp_path, with_mfcc=False)
     cfg = load_config(str(cfg_path))
     cfg["stacking"]["learners"] = ["lightgbm"]
-    out = stack.run_stacking(cfg, data, work)
+    out = level2.run_stacking(cfg, data, work)
     assert out["mfcc_statistics"] is None and out["models"] == ["good", "noise"]
 
     oof = pd.read_csv(work.oof_csv("noise"))
@@ -462,8 +462,8 @@ def test_stage_refuses_bad_tables_and_runs_without_mfcc(tmp_path, restore_loggin
     assert "'noise'" in capsys.readouterr().err
     cfg["stacking"]["models"] = ["good", "untrained"]
     with pytest.raises(FileNotFoundError, match="untrained"):
-        stack.run_stacking(cfg, data, work)
+        level2.run_stacking(cfg, data, work)
     cfg["stacking"]["models"] = None
     cfg["stacking"]["learners"] = ["boosting"]
     with pytest.raises(ValueError, match="boosting"):
-        stack.run_stacking(cfg, data, work)
+        level2.run_stacking(cfg, data, work)
