@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from pipeline.audio import repeat_to_length
 from pipeline.cache import FeatureStore, feature_stores
-from pipeline.clips import load_clips, split_usable
+from pipeline.clips import load_clips, usable_rows
 from pipeline.config import ConfigError, model_config
 from pipeline.fingerprints import param_hash
 from pipeline.cv import load_folds
@@ -158,14 +158,8 @@ def source_fingerprints(work: WorkDir, source: str, n_folds: int) -> list[str]:
 def _check_source_current(cfg: dict, work: WorkDir, source: str, spec: dict, src_store: FeatureStore,
                           folds: pd.DataFrame, fingerprints: list[str], dataset) -> None:
     """Warn when the extractor was trained with other settings or data than the current ones."""
-    from pipeline.fingerprints import data_hash, table_hash
-    from pipeline.labels import training_labels
-    from pipeline.trainer import fold_fingerprint
-    labels = training_labels(cfg, work, folds, spec["train"])
-    clips = load_clips(work)
-    good_test, _bad = split_usable(clips, "test", dataset.test_fnames, work.clips_csv)
-    want = fold_fingerprint(spec, src_store.key, table_hash(labels), table_hash(folds), int(cfg["seed"]),
-                            data_hash(clips, dataset.classes, good_test))
+    from pipeline.fold_training import fold_inputs  # Keras: only when the check runs
+    want = fold_inputs(cfg, work, spec, src_store.key, folds, dataset).fingerprint
     stale = [k for k, fp in enumerate(fingerprints) if fp != want]
     if stale:
         log.warning("%s fold(s) %s were trained with other settings than the preset's: the embeddings use "
@@ -191,8 +185,7 @@ def open_embedding_store(cfg: dict, work: WorkDir, source: str, dataset=None) ->
 
 def _usable_test(work: WorkDir) -> list[str]:
     """Usable test clips in test order (clips.csv lists them in that order)."""
-    clips = load_clips(work)
-    return clips[(clips.split == "test") & (clips.status == "ok")]["fname"].tolist()
+    return usable_rows(load_clips(work), "test")["fname"].tolist()
 
 
 def _groups(src: FeatureStore, split: str, fnames: list[str], patch: int, max_patches: int):

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from pipeline.audio import AudioError, preprocess, read_audio
 from pipeline.cache import FeatureStore, describe, feature_stores
+from pipeline.clips import usable_rows
 from pipeline.config import model_config, verifier_config
 from pipeline.dataset import Dataset, load_dataset
 from pipeline.fingerprints import clips_hash, file_identity
@@ -164,7 +165,7 @@ def run_features(cfg: dict, data_dir, work: WorkDir, progress: bool = True) -> p
                             progress=progress)
     clips = clip_table(dataset, stores)
     atomic_write_csv(clips, work.clips_csv)
-    ok_rows = clips[(clips.split == "train") & (clips.status == "ok")]
+    ok_rows = usable_rows(clips, "train")
     ok_train = ok_rows["fname"].tolist()
     source = clips_hash(ok_rows)  # statistics are redone when the training clips or their audio change
     for store in stores.values():

@@ -6,6 +6,7 @@ The stage ``python -m pipeline.train`` calls :func:`train_model` per model.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 import time
 
 import numpy as np
@@ -60,6 +61,25 @@ def early_stopping_rows(labels: pd.DataFrame, folds: pd.DataFrame, fold: int, ci
     return labels[train_mask], folds.loc[held, "fname"].tolist(), folds.loc[held, "label"].map(cidx).to_numpy()
 
 
+@dataclass
+class FoldInputs:
+    """What every fold of a model is made from, and the fingerprint that keys its outputs."""
+    labels: pd.DataFrame        # fname, label, epsilon, verified of every folds.csv row
+    good_test: list[str]        # usable test clips, in test order
+    bad_test: list[str]         # unusable test clips (they get the class prior)
+    fingerprint: str
+
+
+def fold_inputs(cfg: dict, work: WorkDir, spec: dict, store_key: str, folds: pd.DataFrame, dataset) -> FoldInputs:
+    """The one place a model's fold fingerprint is computed (training, and the embeddings' staleness check)."""
+    labels = training_labels(cfg, work, folds, spec["train"])
+    clips = load_clips(work)
+    good_test, bad_test = split_usable(clips, "test", dataset.test_fnames, work.clips_csv)
+    fp = fold_fingerprint(spec, store_key, table_hash(labels), table_hash(folds), int(cfg["seed"]),
+                          data_hash(clips, dataset.classes, good_test))
+    return FoldInputs(labels, good_test, bad_test, fp)
+
+
 def train_model(cfg: dict, data_dir, work: WorkDir, model: str, progress: bool = True) -> dict:
     """Train all folds of one model (skipping finished ones) and write its tables."""
     spec = model_config(cfg, model)
@@ -74,12 +94,9 @@ def train_model(cfg: dict, data_dir, work: WorkDir, model: str, progress: bool =
     else:
         store = model_input(cfg, work, spec, dataset)
         store_key = store.key
-    labels = training_labels(cfg, work, folds, spec["train"])
-    clips = load_clips(work)
-    good_test, bad_test = split_usable(clips, "test", dataset.test_fnames, work.clips_csv)
+    inputs = fold_inputs(cfg, work, spec, store_key, folds, dataset)
+    labels, good_test, bad_test, fp = inputs.labels, inputs.good_test, inputs.bad_test, inputs.fingerprint
     seed = int(cfg["seed"])
-    fp = fold_fingerprint(spec, store_key, table_hash(labels), table_hash(folds), seed,
-                          data_hash(clips, dataset.classes, good_test))
     n_folds = int(folds["fold"].max()) + 1
     model_fp = param_hash({"folds": fp, "n_folds": n_folds, "test": list(dataset.test_fnames),
                            "prior": list(np.round(dataset.class_prior(), 12)),

@@ -47,7 +47,7 @@ def verifier_input(cfg: dict, work: WorkDir, spec: dict):
 
 
 def predict_crops(model_path: Path, spec: dict, store, fnames: list[str], n_crops: int, seed: int,
-                  n_classes: int, chunk: int = 64) -> np.ndarray:
+                  n_classes: int, split: str, chunk: int = 64) -> np.ndarray:
     """(rows, crops, classes): ``n_crops`` random windows of each clip (seeded
     ``pipeline.windows.random_window``) predicted by the saved fold model."""
     out = np.zeros((len(fnames), int(n_crops), n_classes), dtype=np.float32)
@@ -61,7 +61,7 @@ def predict_crops(model_path: Path, spec: dict, store, fnames: list[str], n_crop
     rng = np.random.default_rng([int(seed), 25])
     for start in range(0, len(fnames), chunk):
         part = fnames[start:start + chunk]
-        x = np.stack([random_window(store.load("train", f), window, rng) for f in part for _ in range(int(n_crops))])
+        x = np.stack([random_window(store.load(split, f), window, rng) for f in part for _ in range(int(n_crops))])
         probs = model.predict(normalizer(x), batch_size=bs, verbose=0)
         out[start:start + len(part)] = probs.reshape(len(part), int(n_crops), -1)
     return out
@@ -72,7 +72,7 @@ class FoldVerifiers:
 
     For fold k: train on the training-set rows with fold != k, validate
     (early stopping) on the training-set rows with fold == k, predict the
-    pool rows with fold == k (``test_split="train"``). Verifiers are combined
+    pool rows with fold == k (from the split fold k trains on). Verifiers are combined
     by geometric mean.
     """
 
@@ -129,16 +129,20 @@ class FoldVerifiers:
                                      verified=np.ones(len(tr), dtype=int))
                     log.info("%s iteration %d fold %d: training on %d rows, validating on %d, predicting %d",
                              v, iteration, k, len(tr), len(val), len(pred_fnames))
+                    # the pool rows are training clips: read from the split this fold trains on (per fold for
+                    # a verifier on embeddings: fold k's extractor space)
+                    split = next(iter(store.stores.values())).train_split(k) if hasattr(store, "stores") \
+                        else store.train_split(k)
                     if hasattr(store, "stores"):  # a handcrafted verifier (cheap, and often the strongest)
                         from pipeline.handcrafted import train_handcrafted_fold
                         result = train_handcrafted_fold(spec, store.stores, rows, val["fname"].tolist(),
                                                         val["label"].map(cidx).to_numpy(), pred_fnames, n_classes,
-                                                        fold_dir, self.seed, k, test_split="train", fingerprint=fp)
+                                                        fold_dir, self.seed, k, test_split=split, fingerprint=fp)
                     else:
                         result = train_fold(spec, store, rows, val["fname"].tolist(),
                                             val["label"].map(cidx).to_numpy(), pred_fnames, n_classes, fold_dir,
-                                            self.seed, k, fp, progress=self.progress, val_split="train",
-                                            test_split="train", model_cache=self._model_caches.setdefault(v, {}))
+                                            self.seed, k, fp, progress=self.progress, val_split=split,
+                                            test_split=split, model_cache=self._model_caches.setdefault(v, {}))
                     pred = result.test if result.test is not None else np.zeros((0, n_classes))
                     write_table(probs_frame(pred_fnames, pred, self.classes), fold_dir / "pred.csv")
                     write_table(probs_frame(val["fname"], result.oof, self.classes), fold_dir / "val.csv")
@@ -146,7 +150,7 @@ class FoldVerifiers:
                         atomic_write_npy(fold_dir / "crops.npy",
                                          predict_crops(fold_dir / "best.keras", spec, store, pred_fnames,
                                                        int(self.s["crops"]), self.seed * 1000 + iteration * 100 + k,
-                                                       n_classes))
+                                                       n_classes, split))
                     atomic_write_json({**result.summary, "fingerprint": fp, "iteration": iteration,
                                        "predicted_rows": len(pred_fnames)}, fold_dir / "summary.json")
                 table = read_table(fold_dir / "pred.csv", self.classes)

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from pipeline.predictions import EPS  # one epsilon for every probability clip
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-EPS = 1e-7
 
 
 def as_extra(extra, n_rows: int) -> np.ndarray | None:

@@ -127,7 +127,8 @@ def fake(monkeypatch):
     folds, truth, kind = make_world()
     trainer = FakeTrainer(folds, truth, kind)
     monkeypatch.setattr(verifiers, "train_fold", trainer)
-    monkeypatch.setattr(verifiers, "verifier_input", lambda cfg, work, spec: types.SimpleNamespace(key="fake-store"))
+    monkeypatch.setattr(verifiers, "verifier_input", lambda cfg, work, spec: types.SimpleNamespace(
+        key="fake-store", train_split=lambda k: "train"))
     return types.SimpleNamespace(folds=folds, truth=truth, kind=kind, trainer=trainer)
 
 
@@ -136,6 +137,17 @@ def clean_table(truth):
 
 
 # -- the loop with a fake trainer -------------------------------------------
+def test_a_verifier_reads_the_split_its_fold_trains_on(fake, tmp_path, monkeypatch):
+    """A verifier on per-fold embeddings (fold k's extractor space) reads fold k's split, never a shared one."""
+    monkeypatch.setattr(verifiers, "verifier_input", lambda cfg, work, spec: types.SimpleNamespace(
+        key="fake-store", train_split=lambda k: f"train-fold{k}"))
+    lab.pseudo_label_stage(make_cfg(max_iterations=1), WorkDir(tmp_path / "work"), fake.folds, CLASSES,
+                           progress=False)
+    assert fake.trainer.calls
+    for call in fake.trainer.calls:
+        assert call["val_split"] == call["test_split"] == f"train-fold{call['fold']}"
+
+
 def test_no_model_scores_a_row_it_trained_on(fake, tmp_path):
     work = WorkDir(tmp_path / "work")
     cfg = make_cfg()
@@ -239,7 +251,7 @@ def test_rerun_resumes_without_training(fake, tmp_path):
 def test_self_verify_caps_accepted_rows_per_class(fake, monkeypatch, tmp_path):
     crop_calls = []
 
-    def fake_crops(model_path, spec, store, fnames, n_crops, seed, n_classes, chunk=64):
+    def fake_crops(model_path, spec, store, fnames, n_crops, seed, n_classes, split, chunk=64):
         crop_calls.append((Path(model_path), list(fnames)))
         folds = fake.folds.set_index("fname")
         out = np.zeros((len(fnames), n_crops, n_classes))

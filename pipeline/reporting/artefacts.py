@@ -15,11 +15,10 @@ import pandas as pd
 
 from pipeline.dataset import Dataset
 from pipeline.metrics import map_at_k_labels
+from pipeline.verification import TABLE_COLUMNS
 from pipeline.workdir import WorkDir, read_json
 
-# the documented columns of pseudo_label/iterations.csv, in the report's order
-PSEUDO_COLUMNS = ["iteration", "train_rows", "newly_accepted", "agree_rank1", "agree_rank2", "agree_rank3",
-                  "disagree", "remaining_unverified", "map3_vs_given"]
+PSEUDO_COLUMNS = TABLE_COLUMNS  # the columns of pseudo_label/iterations.csv, as pipeline.verification writes it
 
 
 def as_work(work) -> WorkDir:
