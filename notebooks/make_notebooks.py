@@ -8,7 +8,7 @@ outputs. Run ``python notebooks/make_notebooks.py`` after editing a cell
 - exploration.ipynb reads the dataset folder named by ``AT_DATA`` (default:
   the demo dataset ``demo_data/`` at the repo root, built on first use).
 - results.ipynb reads the work directory named by ``AT_WORK`` (default
-  ``work/`` at the repo root) through the functions of ``pipeline/report.py``.
+  ``work/`` at the repo root) through the functions of ``pipeline/reporting/``.
 """
 from __future__ import annotations
 
@@ -149,10 +149,10 @@ RESULTS = [
         "# Results of a run\n\n"
         "Scores, per-class MAP@3, the confusion matrix and the clips the final learner gets most wrong, "
         "read from the work directory named by `AT_WORK` (default `work/` at the repo root) with the "
-        "functions of `pipeline/report.py` (the same numbers as `report.md`)."),
+        "functions of `pipeline/reporting/` (the same numbers as `report.md`)."),
     new_code_cell(SETUP + '''
 
-from pipeline import report
+from pipeline import reporting as report
 
 WORK = Path(os.environ.get("AT_WORK") or REPO / "work")
 if not WORK.is_dir():

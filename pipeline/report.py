@@ -30,18 +30,7 @@ from pipeline.reporting.plots import save_png
 from pipeline.reporting.sections import render_report
 from pipeline.workdir import WorkDir, atomic_write_bytes, atomic_write_json, read_json
 
-# Kept importable from here for notebooks/results.ipynb (and its generator
-# notebooks/make_notebooks.py) and tests/test_selection.py, which predate
-# pipeline/reporting/; new code imports them from pipeline.reporting.
-from pipeline.reporting import (Scores, collect_scores, confusion_matrix, final_oof, guard_lines,
-                                models_score_table, most_wrong, per_class_table, plot_confusion, plot_per_class,
-                                pseudo_label_table, stacking_score_table, stacking_selection_lines, timings_table)
-
-__all__ = ["main", "run_report", "build_report", "report_inputs", "REPORT_INPUTS",
-           # re-exported from pipeline.reporting (see above)
-           "Scores", "collect_scores", "confusion_matrix", "final_oof", "guard_lines", "models_score_table",
-           "most_wrong", "per_class_table", "plot_confusion", "plot_per_class", "pseudo_label_table",
-           "stacking_score_table", "stacking_selection_lines", "timings_table"]
+__all__ = ["main", "run_report", "build_report", "report_inputs", "REPORT_INPUTS"]
 
 log = logging.getLogger("report")
 

@@ -7,7 +7,6 @@ runs), with and without the optional parts. Its library,
 """
 from __future__ import annotations
 
-import ast
 import json
 import re
 from pathlib import Path
@@ -310,33 +309,3 @@ def test_guard_lines_say_what_the_guard_decided():
     assert "120 verified rows" in text and "accept off" in text and "relabel > 0.760" in text
     fell = " ".join(guard_lines({"guard": {"fallback": "iteration 1: MAP@3 on the verified rows fell"}}))
     assert "fell back to the given labels" in fell and "iteration 1" in fell
-
-
-STAGE_MODULES = {"pipeline.features", "pipeline.folds", "pipeline.pseudo_label", "pipeline.train",
-                 "pipeline.embeddings", "pipeline.report", "pipeline.summary", "stacking.stack"}
-
-
-def _imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names |= {f"{node.module}.{a.name}" for a in node.names}
-    return names
-
-
-def test_the_stage_and_its_library_import_no_stage_module():
-    root = Path(report.__file__).parent
-    files = [root / "report.py", *sorted((root / "reporting").glob("*.py"))]
-    for path in files:
-        assert not _imports(path) & STAGE_MODULES, path
-
-
-def test_the_stage_keeps_the_names_older_callers_import():
-    # notebooks/results.ipynb and tests/test_selection.py import these from pipeline.report
-    for name in ("Scores", "collect_scores", "final_oof", "models_score_table", "stacking_score_table",
-                 "stacking_selection_lines", "per_class_table", "plot_per_class", "plot_confusion", "most_wrong",
-                 "pseudo_label_table", "timings_table", "confusion_matrix", "guard_lines"):
-        assert getattr(report, name) is getattr(reporting, name), name

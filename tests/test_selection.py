@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.metrics import map_at_3
-from pipeline.report import Scores, stacking_score_table, stacking_selection_lines
+from pipeline.reporting import Scores, stacking_score_table, stacking_selection_lines
 from pipeline.summary import summary_lines
 from stacking import level2, selection
 from stacking.base import Level2Estimator
