@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.config import describe, load_config
 from pipeline.fingerprints import dataset_identity
 from pipeline.workdir import (WorkDir, WorkDirError, WorkLock, atomic_write_json, changed_paths, read_json,
                               remove_outputs)
@@ -147,6 +147,8 @@ def start_stage(description: str, stage: str, argv=None, extra_args=None):
     work.check_usable()
     _LOCKS.append(WorkLock(work, f"stage {stage}").acquire())
     log_path = setup_logging(work, stage, args.verbose)
+    # the settings this stage ran with, for the record (a plain write: a log, not an output of the run)
+    log_path.with_suffix(".config.yaml").write_text(describe(cfg) + "\n")
     args.data = str(resolve_data_dir(args.data))
     logging.getLogger(stage).info("stage %s: preset=%s data=%s work=%s log=%s", stage, cfg.get("preset"),
                                   args.data, work.root, log_path)

@@ -91,6 +91,52 @@ def test_every_stage_wrote_its_outputs(run):
     assert "OOF MAP@3" in out and "test MAP@3" in out and str(work / "submission.csv") in out
 
 
+def _documented_layout() -> list[tuple[str, bool]]:
+    """(regex, required) for every path docs/DESIGN.md documents in the work directory."""
+    import re
+    text = (REPO / "docs" / "DESIGN.md").read_text()
+    blocks = dict(re.findall(r"```(layout|trainer-files)\n(.*?)```", text, re.S))
+
+    def paths(block):
+        for line in blocks[block].splitlines():
+            head = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
+            for path in re.split(r", (?=<work>/)", head):
+                yield path.removeprefix("<work>/")
+
+    def expand(path):  # {a,b} alternatives, one path each
+        m = re.search(r"\{([^{}]*)\}", path)
+        if not m:
+            return [path]
+        return [x for alt in m.group(1).split(",") for x in expand(path[:m.start()] + alt + path[m.end():])]
+
+    trainer = list(paths("trainer-files"))
+    out = []
+    for path in paths("layout"):
+        optional = path.endswith("?")
+        path = path.rstrip("?")
+        for one in ([path.replace("<trainer file>", t) for t in trainer] if "<trainer file>" in path else [path]):
+            opt = optional or one.endswith("?")
+            for alt in expand(one.rstrip("?")):
+                pattern = re.escape(alt).replace(re.escape("<callback file>"), "[^/]+")
+                pattern = re.sub(r"\\<[^>]*\\>|<[^>]*>", "[^/]+", pattern)
+                out.append(("^" + pattern + "$", not opt))
+    return out
+
+
+def test_work_dir_layout_is_the_documented_one(run):
+    """Every file the run wrote is documented in docs/DESIGN.md, and every documented
+    (non-optional) kind of file is there: the design doc cannot drift from the code."""
+    import re
+    layout = _documented_layout()
+    assert len(layout) > 30
+    work = Path(run["work"])
+    files = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file() or p.is_symlink())
+    undocumented = [f for f in files if not any(re.match(rx, f) for rx, _ in layout)]
+    assert not undocumented, f"written but not in docs/DESIGN.md's layout: {undocumented[:10]}"
+    missing = [rx for rx, required in layout if required and not any(re.match(rx, f) for f in files)]
+    assert not missing, f"documented in docs/DESIGN.md but not written by the run: {missing}"
+
+
 def test_rerun_skips_finished_work_and_gives_the_same_submission(run):
     before = (run["work"] / "submission.csv").read_text()
     out = _run(["--data", str(run["data"].root), "--work", str(run["work"]), "--preset", str(run["preset"])])
