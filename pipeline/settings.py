@@ -56,15 +56,20 @@ class FeatureExtraction(Section):
 Dtype = Literal["float16", "float32"]
 
 
-class LogmelFeature(Section):
-    """3-channel log-mel + delta + delta-delta, (T, n_mels, 3)."""
-    kind: Literal["logmel"] = "logmel"
+class _FrameFeature(Section):
+    """Settings every framed spectral feature shares."""
+    kind: str
     sr: int = Field(16000, ge=1)
     """sample rate the audio is resampled to (Hz)"""
     n_fft: int = Field(1024, ge=16)
     """FFT size (samples)"""
     hop_length: int = Field(256, ge=1)
     """hop between frames (samples)"""
+
+
+class LogmelFeature(_FrameFeature):
+    """3-channel log-mel + delta + delta-delta, (T, n_mels, 3)."""
+    kind: Literal["logmel"] = "logmel"
     n_mels: int = Field(48, ge=1)
     """mel bands"""
     fmin: float = Field(20.0, ge=0)
@@ -77,15 +82,9 @@ class LogmelFeature(Section):
     """storage type in the cache"""
 
 
-class MfccFeature(Section):
+class MfccFeature(_FrameFeature):
     """MFCC, (T, n_mfcc): DCT of the dB log-mel."""
     kind: Literal["mfcc"] = "mfcc"
-    sr: int = Field(16000, ge=1)
-    """sample rate (Hz)"""
-    n_fft: int = Field(1024, ge=16)
-    """FFT size (samples)"""
-    hop_length: int = Field(256, ge=1)
-    """hop between frames (samples)"""
     n_mels: int = Field(40, ge=1)
     """mel bands before the DCT"""
     n_mfcc: int = Field(20, ge=1)
