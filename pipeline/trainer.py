@@ -7,35 +7,38 @@ plateau of that score, stop early, keep the best weights (``best.keras``).
 Then predict the held-out clips (out-of-fold) and the test clips.
 
 Everything that varies between models comes from the model's config; the
-trainer never special-cases a model. Each epoch ends with a checkpoint
-(``last.npz`` + ``state.json``), so an interrupted fold resumes from its
-last finished epoch; batch randomness is seeded by (seed, fold, epoch), so a
-resumed run draws the same batches as an uninterrupted one.
+trainer never special-cases a model. The batch loop drives a
+``keras.callbacks.CallbackList``: the learning rate, early stopping, best
+weights, the history table and the per-epoch checkpoint (``last.npz`` +
+``state.json``) are callbacks (:mod:`pipeline.callbacks`), and
+``training.callbacks`` adds more from the config. An interrupted fold
+resumes from its last finished epoch; batch randomness is seeded by (seed,
+fold, epoch) and the checkpoint holds the optimizer, dropout RNG and
+callback states, so a resumed run ends exactly where an uninterrupted one does.
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
 import numpy as np
-import pandas as pd
-from tqdm.auto import tqdm
 
 from models import load_model as load_saved_model  # imports custom layers first
 from pipeline.augment import balanced_sample_weights, mixup, smoothed_targets, spec_augment
+from pipeline.callbacks import (EPOCH_LOGS, EarlyStop, EpochHistory, EpochLog, FoldCheckpoint, KeepBest,
+                                 PlateauLR, ProgressBar, TrainClock, config_callbacks, load_weights, rng_states,
+                                 walk_layers)
 from pipeline.config import param_hash
 from pipeline.losses import TaggingCrossEntropy
 from pipeline.metrics import accuracy, map_at_3
 from pipeline.predictions import EPS, normalize_rows
 from pipeline.sampling import balanced_batch_size, balanced_order, check_batch_policy
 from pipeline.windows import random_window, sliding_windows
-from pipeline.workdir import atomic_write_bytes, atomic_write_csv, atomic_write_json, read_json
+from pipeline.workdir import read_json  # noqa: F401  (tests read fold states through this module)
 
 log = logging.getLogger("trainer")
 
@@ -187,19 +190,6 @@ class FoldResult:
     summary: dict = field(default_factory=dict)
 
 
-def _seed_generators(model) -> list:
-    """The random-number states of stochastic layers (Dropout, ...), in a
-    stable order; saved beside the checkpoint so a resumed fold draws the
-    same dropout masks as an uninterrupted one."""
-    gens = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        for attr in ("seed_generator", "_seed_generator"):
-            gen = getattr(layer, attr, None)
-            if gen is not None and hasattr(gen, "state"):
-                gens.append(gen)
-    return gens
-
-
 def fresh_model(spec: dict, input_shape: tuple, n_classes: int, cache: dict | None = None):
     """A compiled model with fresh initial weights.
 
@@ -222,8 +212,9 @@ def fresh_model(spec: dict, input_shape: tuple, n_classes: int, cache: dict | No
     model = cache[key]
     template = build_model(spec["builder"], input_shape, n_classes, **spec.get("params", {}))
     model.set_weights(template.get_weights())
-    for mine, theirs in zip(_seed_generators(model), _seed_generators(template)):
-        mine.state.assign(theirs.state.value)
+    theirs = rng_states(template)
+    for key, v in rng_states(model).items():  # the dropout RNGs start where a new model's would
+        v.assign(theirs[key].value)
     if model.optimizer.built:
         for v in model.optimizer.variables:
             v.assign(keras.ops.zeros_like(v))
@@ -231,113 +222,45 @@ def fresh_model(spec: dict, input_shape: tuple, n_classes: int, cache: dict | No
     return model
 
 
-def _npz_bytes(arrays: dict) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def save_weights(model, path: Path) -> None:
-    atomic_write_bytes(path, _npz_bytes({f"w{i}": w for i, w in enumerate(model.get_weights())}))
-
-
-def load_weights(model, path: Path) -> None:
-    with np.load(path) as saved:
-        model.set_weights([saved[f"w{i}"] for i in range(len(saved.files))])
-
-
-def save_checkpoint(model, path: Path) -> None:
-    """Everything a resumed epoch needs: weights, optimizer state and the
-    dropout RNG states, as one ``.npz`` (writing a whole ``.keras`` archive
-    every epoch cost seconds per epoch for the deeper models)."""
-    arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
-    arrays.update({f"o{i}": np.asarray(keras.ops.convert_to_numpy(v.value))
-                   for i, v in enumerate(model.optimizer.variables)})
-    arrays.update({f"g{i}": np.asarray(keras.ops.convert_to_numpy(g.state.value))
-                   for i, g in enumerate(_seed_generators(model))})
-    atomic_write_bytes(path, _npz_bytes(arrays))
-
-
-def load_checkpoint(model, path: Path) -> None:
-    with np.load(path) as saved:
-        n_w = sum(1 for k in saved.files if k.startswith("w"))
-        model.set_weights([saved[f"w{i}"] for i in range(n_w)])
-        if not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
-        for i, v in enumerate(model.optimizer.variables):
-            v.assign(saved[f"o{i}"])
-        for i, g in enumerate(_seed_generators(model)):
-            if f"g{i}" in saved.files:
-                g.state.assign(saved[f"g{i}"])
-
-
-class _EpochLoop:
-    """Per-epoch work of one fold: seed the epoch's batches, set the learning
-    rate, train on every batch, evaluate the held-out clips (clip-level
-    MAP@3), keep the best weights, reduce the LR on a plateau, stop early,
-    checkpoint the state.
+def _run_epochs(model, batches: "WindowBatches", callbacks, first: int, epochs: int, evaluate, val_labels,
+                current_lr) -> None:
+    """Epochs ``first`` .. ``epochs - 1`` of one fold: seed the epoch's
+    batches, train on every batch, evaluate the held-out clips (clip-level
+    MAP@3), and let the callbacks act on the epoch's logs (``loss``,
+    ``val_map3``, ``val_acc``, ``lr``: the rate this epoch trained with).
+    A callback stops the fold with ``model.stop_training``.
 
     Batches go through ``train_on_batch`` rather than ``fit``: measured here,
     ``fit`` on a PyDataset ran at half the speed (73 vs 152 samples/s for
     cnn_ref) and kept a core busy between batches."""
-
-    def __init__(self, model, spec, fold, state, batches, out_dir, progress, evaluate, val_labels):
-        self.model = model
-        self.spec, self.fold, self.state, self.batches = spec, fold, state, batches
-        self.out_dir, self.progress, self.evaluate, self.val_labels = out_dir, progress, evaluate, val_labels
-        self.tcfg = spec["train"]
-        self.epochs = int(self.tcfg.get("epochs", 10))
-        self.bar = None
-
-    def run(self) -> None:
-        while not self.state["finished"] and self.state["epoch"] + 1 < self.epochs:
-            epoch = self.state["epoch"] + 1
-            self.batches.set_epoch(epoch)
-            self.model.optimizer.learning_rate.assign(self.state["lr"])
-            losses = []
-            t0 = time.perf_counter()
-            with tqdm(total=len(self.batches), unit="batch", leave=False, disable=not self.progress,
-                      desc=f"{self.spec['name']} fold {self.fold} epoch {epoch + 1}/{self.epochs}") as bar:
-                for i in range(len(self.batches)):
-                    batch = self.batches[i]
-                    loss = self.model.train_on_batch(*batch[:2], sample_weight=batch[2] if len(batch) > 2 else None)
-                    losses.append(float(np.asarray(loss if np.ndim(loss) == 0 else loss[0])))
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-            self.state["train_seconds"] += time.perf_counter() - t0
-            self.end_epoch(epoch, float(np.mean(losses)))
-
-    def end_epoch(self, epoch: int, loss: float) -> None:
-        state, tcfg = self.state, self.tcfg
-        state["train_samples"] += len(self.batches) * self.batches.batch_size
-        val_probs = self.evaluate(self.model)
-        score = map_at_3(self.val_labels, val_probs)
-        state["history"].append({"epoch": epoch + 1, "loss": loss, "val_map3": score,
-                                 "val_acc": accuracy(self.val_labels, val_probs), "lr": state["lr"]})
-        if score > state["best"] + 1e-6:
-            state.update(best=score, best_epoch=epoch, wait=0, lr_wait=0)
-            save_weights(self.model, self.out_dir / "best.weights.npz")
-        else:
-            state["wait"] += 1
-            state["lr_wait"] += 1
-            if state["lr_wait"] >= int(tcfg.get("lr_patience", 3)):
-                state["lr"] = max(float(tcfg.get("min_lr", 1e-6)), state["lr"] * float(tcfg.get("lr_factor", 0.5)))
-                state["lr_wait"] = 0
-        log.info("%s fold %d epoch %d/%d: loss %.4f val MAP@3 %.4f (best %.4f @ %d) lr %.2g", self.spec["name"],
-                 self.fold, epoch + 1, self.epochs, loss, score, state["best"], state["best_epoch"] + 1, state["lr"])
-        state["epoch"] = epoch
-        if state["wait"] >= int(tcfg.get("early_stop_patience", 5)):
-            log.info("%s fold %d: early stop (no gain for %d epochs)", self.spec["name"], self.fold, state["wait"])
-            state["finished"] = True
-        save_checkpoint(self.model, self.out_dir / "last.npz")
-        atomic_write_json(state, self.out_dir / "state.json")
+    model.stop_training = False
+    callbacks.on_train_begin()
+    logs: dict = {}
+    for epoch in range(first, epochs):
+        batches.set_epoch(epoch)
+        callbacks.on_epoch_begin(epoch)
+        losses = []
+        for i in range(len(batches)):
+            callbacks.on_train_batch_begin(i)
+            batch = batches[i]
+            loss = model.train_on_batch(*batch[:2], sample_weight=batch[2] if len(batch) > 2 else None)
+            losses.append(float(np.asarray(loss if np.ndim(loss) == 0 else loss[0])))
+            callbacks.on_train_batch_end(i, {"loss": losses[-1]})
+        val_probs = evaluate(model)
+        values = (float(np.mean(losses)), map_at_3(val_labels, val_probs), accuracy(val_labels, val_probs),
+                  current_lr())
+        logs = dict(zip(EPOCH_LOGS, values))
+        callbacks.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    callbacks.on_train_end(logs)
 
 
 def _set_bn_momentum(model, momentum: float) -> None:
     """Short runs (the quick preset) take too few steps for BatchNorm's
     default 0.99 moving averages to settle, which makes held-out scores
     erratic; a lower momentum fixes that without changing the architecture."""
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for _path, layer in walk_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = float(momentum)
 
@@ -364,42 +287,50 @@ def train_fold(spec: dict, store, rows: TrainRows, val_fnames: list[str], val_la
     the out-of-fold predictions are of ``heldout_fnames`` (default: the
     validation clips themselves, the papers' way)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tcfg = spec["train"]
+    label = f"{spec['name']} fold {fold}"  # folds are 0-based everywhere
+    extra = config_callbacks(tcfg.get("callbacks"), out_dir)  # a bad entry fails before any work
+    out_dir.mkdir(parents=True, exist_ok=True)
     window = int(spec["window"])
     hop = max(1, int(round(window * float(tcfg.get("eval_hop_fraction", 0.5)))))
     normalizer = Normalizer(store.stats() if spec.get("normalize", True) else None)
     probe = store.load(rows.split, rows.fnames[0])
     input_shape = (window,) + tuple(probe.shape[1:])
 
-    state = read_json(out_dir / "state.json")
-    if state and state.get("fingerprint") != fingerprint:
-        log.info("%s: settings changed since the last run, starting the fold afresh", out_dir)
-        state = None
     set_determinism(seed * 1000 + fold, strict=bool(tcfg.get("strict_determinism", False)))
     model = fresh_model(spec, input_shape, n_classes, model_cache)
-    if state and (out_dir / "last.npz").exists() and not state.get("finished"):
-        load_checkpoint(model, out_dir / "last.npz")
-        log.info("%s: resuming after epoch %d (best MAP@3 %.4f)", out_dir, state["epoch"] + 1, state["best"])
-    else:
-        state = {"fingerprint": fingerprint, "epoch": -1, "best": -1.0, "best_epoch": -1, "wait": 0,
-                 "lr_wait": 0, "lr": float(tcfg.get("lr", 1e-3)), "history": [], "train_seconds": 0.0,
-                 "train_samples": 0, "finished": False}
     batches = WindowBatches(store, rows, n_classes, window, tcfg, normalizer, seed=seed * 1000 + fold)
     eval_bs = int(tcfg.get("eval_batch_size", 128))
+    epochs = int(tcfg.get("epochs", 10))
 
-    _EpochLoop(model, spec, fold, state, batches, out_dir, progress,
-               evaluate=lambda m: predict_clips(m, store, val_split, val_fnames, window, hop, normalizer, eval_bs),
-               val_labels=val_labels).run()
-    state["finished"] = True
-    atomic_write_json(state, out_dir / "state.json")
-    atomic_write_csv(pd.DataFrame(state["history"]), out_dir / "history.csv")
+    keep_best = KeepBest(out_dir / "best.weights.npz")
+    plateau = PlateauLR(float(tcfg.get("lr", 1e-3)), factor=float(tcfg.get("lr_factor", 0.5)),
+                        patience=int(tcfg.get("lr_patience", 3)), min_lr=float(tcfg.get("min_lr", 1e-6)))
+    stop = EarlyStop(int(tcfg.get("early_stop_patience", 5)), label=label)
+    history = EpochHistory(out_dir / "history.csv")
+    clock = TrainClock(batches.batch_size)
+    checkpoint = FoldCheckpoint(out_dir, fingerprint, [keep_best, plateau, stop, history, clock],
+                                kept=[keep_best.path, out_dir / "best.keras"])
+    callbacks = keras.callbacks.CallbackList(
+        [keep_best, plateau, EpochLog(label, keep_best, plateau), stop, clock, ProgressBar(label, progress),
+         history, *extra, checkpoint],  # the checkpoint last: it records what the others decided
+        model=model, epochs=epochs, steps=len(batches), verbose=0)
+    if checkpoint.resume() and not checkpoint.finished:
+        log.info("%s: resuming after epoch %d (best MAP@3 %.4f)", out_dir, checkpoint.epoch + 1, keep_best.best)
+    if not checkpoint.finished:
+        _run_epochs(model, batches, callbacks, checkpoint.epoch + 1, epochs,
+                    evaluate=lambda m: predict_clips(m, store, val_split, val_fnames, window, hop, normalizer,
+                                                     eval_bs),
+                    val_labels=val_labels, current_lr=lambda: plateau.lr)
+        checkpoint.finish()
+    else:  # training finished in an earlier run: its table may not have been written
+        history.write()
 
     best = model
     if (out_dir / "best.weights.npz").exists():
         load_weights(best, out_dir / "best.weights.npz")
         best.save(out_dir / "best.keras")  # the kept model, in Keras' format
-    else:  # finished in an earlier run: the .keras file is already there
+    else:  # finished and saved in an earlier run, which stopped before its summary
         best = load_saved_model(out_dir / "best.keras")
     if heldout_fnames is None or list(heldout_fnames) == list(val_fnames):
         oof = predict_clips(best, store, val_split, val_fnames, window, hop, normalizer, eval_bs)
@@ -410,14 +341,14 @@ def train_fold(spec: dict, store, rows: TrainRows, val_fnames: list[str], val_la
     test = (predict_clips(best, store, test_split, test_fnames, window, hop, normalizer, eval_bs)
             if test_fnames else None)
     summary = {
-        "fold": fold, "fingerprint": fingerprint, "best_epoch": state["best_epoch"] + 1,
-        "epochs_run": state["epoch"] + 1, "val_map3": map_at_3(val_labels, val_probs),
+        "fold": fold, "fingerprint": fingerprint, "best_epoch": keep_best.best_epoch + 1,
+        "epochs_run": checkpoint.epoch + 1, "val_map3": map_at_3(val_labels, val_probs),
         "val_accuracy": accuracy(val_labels, val_probs), "train_clips": len(rows.fnames),
         "early_stopping_clips": len(val_fnames),
         "early_stopping_split": "heldout" if heldout_fnames is None or list(heldout_fnames) == list(val_fnames)
         else "inner",
-        "train_seconds": round(state["train_seconds"], 2),
-        "samples_per_second": round(state["train_samples"] / max(state["train_seconds"], 1e-9), 1),
+        "train_seconds": round(clock.seconds, 2),
+        "samples_per_second": round(clock.samples / max(clock.seconds, 1e-9), 1),
         "params": int(best.count_params()), "input_shape": list(input_shape),
         "backend": keras.backend.backend(),
     }

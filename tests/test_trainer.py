@@ -4,12 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import pipeline.callbacks as callbacks
 import pipeline.trainer as trainer
 from pipeline.cache import feature_stores
 from pipeline.config import model_config
-from pipeline.features import run_features
-from pipeline.folds import run_folds
-from pipeline.train import train_model
+from pipeline.extraction import run_features
+from pipeline.cv import run_folds
+from pipeline.fold_training import train_model
 from pipeline.workdir import WorkDir
 
 
@@ -51,7 +52,7 @@ def test_interrupted_fold_resumes_to_the_same_result(prepared, tmp_path, monkeyp
     args = _fold_args(cfg, work)
     full = trainer.train_fold(out_dir=tmp_path / "a", **args)
 
-    real_write = trainer.atomic_write_json
+    real_write = callbacks.atomic_write_json  # the checkpoint callback writes state.json
     calls = {"n": 0}
 
     def crash_after_first_epoch(obj, path):
@@ -61,10 +62,10 @@ def test_interrupted_fold_resumes_to_the_same_result(prepared, tmp_path, monkeyp
             if calls["n"] == 1:
                 raise KeyboardInterrupt("simulated kill after epoch 1")
 
-    monkeypatch.setattr(trainer, "atomic_write_json", crash_after_first_epoch)
+    monkeypatch.setattr(callbacks, "atomic_write_json", crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         trainer.train_fold(out_dir=tmp_path / "b", **args)
-    monkeypatch.setattr(trainer, "atomic_write_json", real_write)
+    monkeypatch.setattr(callbacks, "atomic_write_json", real_write)
     state = trainer.read_json(tmp_path / "b" / "state.json")
     assert state["epoch"] == 0 and not state["finished"]
     resumed = trainer.train_fold(out_dir=tmp_path / "b", **args)
