@@ -17,6 +17,8 @@ _MODULES = {
     "inception2d": "models.inception2d",
     "vggish": "models.vggish",
     "mla": "models.mla",
+    "xception_ms": "models.xception_ms",
+    "factorized_cnn": "models.factorized_cnn",
 }
 
 
@@ -83,6 +85,13 @@ def builder_defaults(name):
                 out[a.arg] = _plain(ast.literal_eval(d))
         _SIGNATURES[name] = out
     return dict(_SIGNATURES[name])
+
+
+def embedding_capable(name):
+    """Whether builder ``name`` can also output an ``embedding`` (its ``build``
+    takes ``embedding_output``; the model's outputs are then [probabilities,
+    embedding]). Read from the signature, without Keras."""
+    return "embedding_output" in builder_defaults(name)
 
 
 _SIGNATURES: dict = {}
