@@ -21,8 +21,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from pipeline.fingerprints import param_hash  # noqa: F401  (re-exported: caches import it from here)
-from pipeline.settings import Config, Training, describe_error
+from pipeline.settings import Config, ModelSpec, Training, describe_error
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -148,6 +147,27 @@ def model_config(cfg: dict, model: str) -> dict:
     spec.setdefault("params", {})
     spec["name"] = model
     return spec
+
+
+def training_settings(train: dict | None) -> dict:
+    """A (possibly partial) training section, validated, every default filled in."""
+    try:
+        return Training.model_validate(train or {}).model_dump()
+    except ValidationError as exc:
+        raise ConfigError(f"training.{describe_error(exc, model=Training)}") from None
+
+
+def model_settings(spec: dict) -> dict:
+    """A model entry (as :func:`model_config` returns it, or made by hand) with every
+    default filled in: the model-level fields and the whole training section."""
+    fields = {k: v for k, v in spec.items() if k in ModelSpec.model_fields and k != "train"}
+    try:
+        out = {**spec, **ModelSpec.model_validate(fields).model_dump(exclude={"train"})}
+    except ValidationError as exc:
+        raise ConfigError(f"models.{spec.get('name', '?')}.{describe_error(exc, model=ModelSpec)}") from None
+    out["train"] = training_settings(spec.get("train"))
+    out["builder"] = out.get("builder") or spec.get("name")
+    return out
 
 
 def verifier_config(cfg: dict, name: str) -> dict:

@@ -208,7 +208,7 @@ def _groups(src: FeatureStore, split: str, fnames: list[str], patch: int, max_pa
 def compute_embeddings(cfg: dict, work: WorkDir, store: EmbeddingStore, progress: bool = True,
                        max_patches: int = 2048) -> dict:
     """Write every missing embedding of ``store`` (resumable). Returns run statistics."""
-    from pipeline.trainer import Normalizer
+    from pipeline.normalize import Normalizer
     folds = load_folds(work)
     test_fnames = _usable_test(work)
     src, spec = store.source_store, store.source_spec

@@ -32,13 +32,14 @@ from pipeline.augment import balanced_sample_weights, mixup, smoothed_targets, s
 from pipeline.callbacks import (EPOCH_LOGS, EarlyStop, EpochHistory, EpochLog, FoldCheckpoint, KeepBest,
                                  PlateauLR, ProgressBar, TrainClock, config_callbacks, load_weights, rng_states,
                                  walk_layers)
-from pipeline.config import param_hash
+from pipeline.config import model_settings, training_settings
+from pipeline.fingerprints import param_hash
+from pipeline.normalize import Normalizer
 from pipeline.losses import TaggingCrossEntropy
 from pipeline.metrics import accuracy, map_at_3
 from pipeline.predictions import EPS, normalize_rows
 from pipeline.sampling import balanced_batch_size, balanced_order, check_batch_policy
 from pipeline.windows import random_window, sliding_windows
-from pipeline.workdir import read_json  # noqa: F401  (tests read fold states through this module)
 
 log = logging.getLogger("trainer")
 
@@ -55,20 +56,6 @@ def set_determinism(seed: int, strict: bool = False) -> None:
             tf.config.experimental.enable_op_determinism()
         except Exception:  # older TF: best effort
             pass
-
-
-class Normalizer:
-    """Per-channel standardisation with the feature's cached statistics."""
-
-    def __init__(self, stats: dict | None):
-        self.mean = np.asarray(stats["mean"], dtype=np.float32) if stats else None
-        self.std = np.asarray(stats["std"], dtype=np.float32) if stats else None
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        if self.mean is None:
-            return x
-        return (x - self.mean) / self.std
 
 
 @dataclass
@@ -91,16 +78,17 @@ class WindowBatches:
     def __init__(self, store, rows: TrainRows, n_classes: int, window: int, train_cfg: dict,
                  normalizer: Normalizer, seed: int):
         self.store, self.rows, self.n_classes, self.window = store, rows, n_classes, window
+        train_cfg = training_settings(train_cfg)
         self.cfg, self.normalizer, self.seed = train_cfg, normalizer, seed
         # batch_policy "balanced": one clip of every class per batch (batch size = classes present)
-        self.policy = check_batch_policy(train_cfg.get("batch_policy"))
+        self.policy = check_batch_policy(train_cfg["batch_policy"])
         self.batch_size = (balanced_batch_size(rows.labels) if self.policy == "balanced"
-                           else int(train_cfg.get("batch_size", 32)))
-        steps = train_cfg.get("steps_per_epoch")
+                           else int(train_cfg["batch_size"]))
+        steps = train_cfg["steps_per_epoch"]
         self.steps = int(steps) if steps else max(1, math.ceil(len(rows.fnames) / self.batch_size))
         self.class_weight = (balanced_sample_weights(rows.labels, n_classes)
-                             if train_cfg.get("class_weight") == "balanced" else None)
-        self.mask_ratio = train_cfg.get("loss_masking")
+                             if train_cfg["class_weight"] == "balanced" else None)
+        self.mask_ratio = train_cfg["loss_masking"]
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -124,10 +112,10 @@ class WindowBatches:
         x = self.normalizer(x)
         y = smoothed_targets(self.rows.labels[pick], self.n_classes, self.rows.epsilon[pick])
         verified = self.rows.verified[pick].astype(np.float32)
-        sa = self.cfg.get("spec_augment")
+        sa = self.cfg["spec_augment"]
         if sa and x.ndim >= 3 and x.shape[2] > 1:
             x = spec_augment(x, rng, **sa)
-        x, y, verified = mixup(x, y, float(self.cfg.get("mixup_alpha") or 0.0), rng, verified)
+        x, y, verified = mixup(x, y, float(self.cfg["mixup_alpha"] or 0.0), rng, verified)
         if self.mask_ratio is not None:
             y = np.concatenate([y, verified[:, None]], axis=1)
         if self.class_weight is not None:
@@ -201,7 +189,7 @@ def fresh_model(spec: dict, input_shape: tuple, n_classes: int, cache: dict | No
     model) lends its weights and RNG states, and the optimizer state is
     zeroed, which is what a new Adam starts from."""
     from models import build_model
-    key = param_hash({"builder": spec["builder"], "params": spec.get("params", {}), "shape": list(input_shape),
+    key = param_hash({"builder": spec["builder"], "params": spec["params"], "shape": list(input_shape),
                       "classes": n_classes, "train": spec["train"]})
     if cache is None or key not in cache:
         model = build_compiled(spec, input_shape, n_classes)
@@ -210,7 +198,7 @@ def fresh_model(spec: dict, input_shape: tuple, n_classes: int, cache: dict | No
             cache[key] = model
         return model
     model = cache[key]
-    template = build_model(spec["builder"], input_shape, n_classes, **spec.get("params", {}))
+    template = build_model(spec["builder"], input_shape, n_classes, **spec["params"])
     model.set_weights(template.get_weights())
     theirs = rng_states(template)
     for key, v in rng_states(model).items():  # the dropout RNGs start where a new model's would
@@ -218,7 +206,7 @@ def fresh_model(spec: dict, input_shape: tuple, n_classes: int, cache: dict | No
     if model.optimizer.built:
         for v in model.optimizer.variables:
             v.assign(keras.ops.zeros_like(v))
-    model.optimizer.learning_rate.assign(float(spec["train"].get("lr", 1e-3)))
+    model.optimizer.learning_rate.assign(float(spec["train"]["lr"]))
     return model
 
 
@@ -267,12 +255,13 @@ def _set_bn_momentum(model, momentum: float) -> None:
 
 def build_compiled(spec: dict, input_shape: tuple, n_classes: int):
     from models import build_model
-    model = build_model(spec["builder"], input_shape, n_classes, **spec.get("params", {}))
+    spec = model_settings(spec)
+    model = build_model(spec["builder"], input_shape, n_classes, **spec["params"])
     tcfg = spec["train"]
-    if tcfg.get("bn_momentum") is not None:
+    if tcfg["bn_momentum"] is not None:
         _set_bn_momentum(model, tcfg["bn_momentum"])
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(tcfg.get("lr", 1e-3))),
-                  loss=TaggingCrossEntropy(mask_ratio=tcfg.get("loss_masking")))
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(tcfg["lr"])),
+                  loss=TaggingCrossEntropy(mask_ratio=tcfg["loss_masking"]))
     return model
 
 
@@ -287,26 +276,27 @@ def train_fold(spec: dict, store, rows: TrainRows, val_fnames: list[str], val_la
     the out-of-fold predictions are of ``heldout_fnames`` (default: the
     validation clips themselves, the papers' way)."""
     out_dir = Path(out_dir)
+    spec = model_settings(spec)
     tcfg = spec["train"]
     label = f"{spec['name']} fold {fold}"  # folds are 0-based everywhere
-    extra = config_callbacks(tcfg.get("callbacks"), out_dir)  # a bad entry fails before any work
+    extra = config_callbacks(tcfg["callbacks"], out_dir)  # a bad entry fails before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     window = int(spec["window"])
-    hop = max(1, int(round(window * float(tcfg.get("eval_hop_fraction", 0.5)))))
-    normalizer = Normalizer(store.stats() if spec.get("normalize", True) else None)
+    hop = max(1, int(round(window * float(tcfg["eval_hop_fraction"]))))
+    normalizer = Normalizer(store.stats() if spec["normalize"] else None)
     probe = store.load(rows.split, rows.fnames[0])
     input_shape = (window,) + tuple(probe.shape[1:])
 
-    set_determinism(seed * 1000 + fold, strict=bool(tcfg.get("strict_determinism", False)))
+    set_determinism(seed * 1000 + fold, strict=bool(tcfg["strict_determinism"]))
     model = fresh_model(spec, input_shape, n_classes, model_cache)
     batches = WindowBatches(store, rows, n_classes, window, tcfg, normalizer, seed=seed * 1000 + fold)
-    eval_bs = int(tcfg.get("eval_batch_size", 128))
-    epochs = int(tcfg.get("epochs", 10))
+    eval_bs = int(tcfg["eval_batch_size"])
+    epochs = int(tcfg["epochs"])
 
     keep_best = KeepBest(out_dir / "best.weights.npz")
-    plateau = PlateauLR(float(tcfg.get("lr", 1e-3)), factor=float(tcfg.get("lr_factor", 0.5)),
-                        patience=int(tcfg.get("lr_patience", 3)), min_lr=float(tcfg.get("min_lr", 1e-6)))
-    stop = EarlyStop(int(tcfg.get("early_stop_patience", 5)), label=label)
+    plateau = PlateauLR(float(tcfg["lr"]), factor=float(tcfg["lr_factor"]),
+                        patience=int(tcfg["lr_patience"]), min_lr=float(tcfg["min_lr"]))
+    stop = EarlyStop(int(tcfg["early_stop_patience"]), label=label)
     history = EpochHistory(out_dir / "history.csv")
     clock = TrainClock(batches.batch_size)
     checkpoint = FoldCheckpoint(out_dir, fingerprint, [keep_best, plateau, stop, history, clock],

@@ -53,7 +53,8 @@ def predict_crops(model_path: Path, spec: dict, store, fnames: list[str], n_crop
     out = np.zeros((len(fnames), int(n_crops), n_classes), dtype=np.float32)
     if not fnames:
         return out
-    from pipeline.trainer import Normalizer, load_saved_model
+    from pipeline.normalize import Normalizer
+    from pipeline.trainer import load_saved_model
     from pipeline.windows import random_window
     model = load_saved_model(model_path)
     normalizer = Normalizer(store.stats() if spec["normalize"] else None)

@@ -9,6 +9,7 @@ import pytest
 
 import pipeline.callbacks as callbacks
 import pipeline.trainer as trainer
+from pipeline.workdir import read_json
 from pipeline.config import ConfigError
 
 N_CLASSES = 3
@@ -212,7 +213,7 @@ def test_resume_after_a_kill_is_exact(store, tmp_path):
     killed = _spec(epochs=5, callbacks=[{"class": f"{__name__}.KillAt", "args": {"epoch": 3}}])
     with pytest.raises(KeyboardInterrupt):
         _fold(store, killed, tmp_path / "resumed")
-    state = trainer.read_json(tmp_path / "resumed" / "state.json")
+    state = read_json(tmp_path / "resumed" / "state.json")
     assert state["epoch"] == 2 and not state["finished"]
     assert set(state["callbacks"]) == {"keep_best", "plateau_lr", "early_stop", "history", "clock"}
     assert state["callbacks"]["plateau_lr"]["lr"] < 3e-3, "the LR was reduced before the kill: its state matters"
@@ -238,7 +239,7 @@ def test_fold_that_finished_training_is_not_retrained(store, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         _fold(store, spec, tmp_path / "b")
     monkeypatch.setattr(trainer, "load_weights", real)
-    assert trainer.read_json(tmp_path / "b" / "state.json")["finished"]
+    assert read_json(tmp_path / "b" / "state.json")["finished"]
     Recorder.events.clear()
     again = _fold(store, _spec(epochs=2, callbacks=[{"class": f"{__name__}.Recorder", "args": {"tag": "x"}}]),
                   tmp_path / "b")

@@ -7,7 +7,8 @@ import pytest
 
 from pipeline.handcrafted import handcrafted_features, is_handcrafted
 
-from pipeline.config import CONFIG_DIR, ConfigError, load_config, model_config, param_hash
+from pipeline.config import CONFIG_DIR, ConfigError, load_config, model_config
+from pipeline.fingerprints import param_hash
 from pipeline.settings import Training
 
 

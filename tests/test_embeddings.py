@@ -28,7 +28,8 @@ from pipeline.embedding_store import (EmbeddingStore, clip_patches, compute_embe
 from pipeline.extraction import run_features
 from pipeline.cv import load_folds, run_folds
 from pipeline.sampling import BATCH_POLICIES, balanced_batch_size, balanced_order
-from pipeline.trainer import Normalizer, TrainRows
+from pipeline.normalize import Normalizer
+from pipeline.trainer import TrainRows
 from pipeline.workdir import WorkDir, atomic_write_json, read_json
 
 PATCH = 96

@@ -9,9 +9,10 @@ import pipeline.trainer as trainer
 from pipeline.cache import feature_stores
 from pipeline.config import model_config
 from pipeline.extraction import run_features
+from pipeline.normalize import Normalizer
 from pipeline.cv import run_folds
 from pipeline.fold_training import train_model
-from pipeline.workdir import WorkDir
+from pipeline.workdir import WorkDir, read_json
 
 
 def _cfg(tiny_cfg):
@@ -66,7 +67,7 @@ def test_interrupted_fold_resumes_to_the_same_result(prepared, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         trainer.train_fold(out_dir=tmp_path / "b", **args)
     monkeypatch.setattr(callbacks, "atomic_write_json", real_write)
-    state = trainer.read_json(tmp_path / "b" / "state.json")
+    state = read_json(tmp_path / "b" / "state.json")
     assert state["epoch"] == 0 and not state["finished"]
     resumed = trainer.train_fold(out_dir=tmp_path / "b", **args)
     assert resumed.summary["epochs_run"] == full.summary["epochs_run"] == 3
@@ -93,7 +94,7 @@ def test_train_stage_is_out_of_fold_and_skips_finished_folds(prepared, caplog):
     assert (oof["fold"].to_numpy() == folds["fold"].to_numpy()).all()
     # each fold model trained only on the other folds' clips
     for k in range(int(folds.fold.max()) + 1):
-        summary = trainer.read_json(work.fold_dir("m_logmel", k) / "summary.json")
+        summary = read_json(work.fold_dir("m_logmel", k) / "summary.json")
         assert summary["train_clips"] == int((folds.fold != k).sum())
     test = pd.read_csv(work.test_csv("m_logmel"))
     probs = test.drop(columns="fname").to_numpy()
@@ -125,7 +126,7 @@ def test_predict_clips_geometric_mean_over_windows():
                     "b": np.array([[0.5]], np.float32)}[fname]
 
     out = trainer.predict_clips(Const(), Store(), "train", ["a", "b"], window=2, hop=2,
-                                normalizer=trainer.Normalizer(None), batch_size=4)
+                                normalizer=Normalizer(None), batch_size=4)
     g1, g0 = np.sqrt(0.2 * 0.8), np.sqrt(0.8 * 0.2)
     np.testing.assert_allclose(out[0], [g1 / (g1 + g0), g0 / (g1 + g0)], atol=1e-6)
     np.testing.assert_allclose(out[1], [0.5, 0.5], atol=1e-6)
