@@ -241,10 +241,19 @@ class _Monitor(Stateful):
     """Tracks the best value of one log (higher is better): ``improved``
     says whether this epoch beat it by more than ``min_delta``."""
 
-    def __init__(self, monitor: str = "val_map3", min_delta: float = 1e-6):
+    def __init__(self, monitor: str = "val_map3", min_delta: float = 1e-6, patience: int = 1):
         super().__init__()
-        self.monitor, self.min_delta = monitor, float(min_delta)
+        self.monitor, self.min_delta, self.patience = monitor, float(min_delta), int(patience)
         self.best: float | None = None
+        self.wait = 0
+
+    def out_of_patience(self, logs) -> bool:
+        """Counts the epochs since the last gain; True once ``patience`` of them passed."""
+        if self.improved(logs):
+            self.wait = 0
+            return False
+        self.wait += 1
+        return self.wait >= self.patience
 
     def improved(self, logs) -> bool:
         if not logs or self.monitor not in logs:
@@ -265,19 +274,14 @@ class PlateauLR(_Monitor):
 
     def __init__(self, lr: float, factor: float = 0.5, patience: int = 3, min_lr: float = 1e-6,
                  monitor: str = "val_map3"):
-        super().__init__(monitor)
-        self.lr, self.factor, self.patience, self.min_lr = float(lr), float(factor), int(patience), float(min_lr)
-        self.wait = 0
+        super().__init__(monitor, patience=patience)
+        self.lr, self.factor, self.min_lr = float(lr), float(factor), float(min_lr)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.model.optimizer.learning_rate.assign(self.lr)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.improved(logs):
-            self.wait = 0
-            return
-        self.wait += 1
-        if self.wait >= self.patience:
+        if self.out_of_patience(logs):
             self.lr = max(self.min_lr, self.lr * self.factor)
             self.wait = 0
 
@@ -293,16 +297,11 @@ class EarlyStop(_Monitor):
     state_key = "early_stop"
 
     def __init__(self, patience: int = 5, monitor: str = "val_map3", label: str = ""):
-        super().__init__(monitor)
-        self.patience, self.label = int(patience), label
-        self.wait = 0
+        super().__init__(monitor, patience=patience)
+        self.label = label
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.improved(logs):
-            self.wait = 0
-            return
-        self.wait += 1
-        if self.wait >= self.patience:
+        if self.out_of_patience(logs):
             log.info("%s: early stop (no gain for %d epochs)", self.label, self.wait)
             self.model.stop_training = True
 
