@@ -22,6 +22,7 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline.settings import Config, ModelSpec, Training, describe_error
+from pipeline.settings import merge_dicts
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -33,13 +34,7 @@ class ConfigError(ValueError):
 
 def deep_merge(base: dict, override: dict) -> dict:
     """``override`` over ``base``, recursively for mappings; neither is modified."""
-    out = copy.deepcopy(base)
-    for key, value in (override or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+    return copy.deepcopy(merge_dicts(base, override))
 
 
 def _numbers(value):

@@ -16,20 +16,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, training_settings
 
 #: probability floor of the classification losses: log(clip(p, EPS, 1)), as the CE always had
 EPS = 1e-7
 
 # The loss settings of a training section and their defaults (the papers' values).
-LOSS_DEFAULTS = {
-    "loss": "crossentropy",       # crossentropy | focal | triplet (CE + triplet_weight x triplet on the embedding)
-    "focal_gamma": 2.0,           # focusing exponent; the Xception paper uses 1-3 (3 on subtask A, 1 on B)
-    "focal_alpha": None,          # null (all 1) | per-class list | "balanced" (balanced_alpha of the training rows)
-    "triplet_margin": 0.2,        # hinge margin on squared Euclidean distances (factorized-CNN paper: 0.2)
-    "triplet_weight": 10.0,       # gamma of CE + gamma x triplet (factorized-CNN paper: 10)
-    "triplet_strategy": "paper",  # paper (a random negative per pair) | batch_all | batch_hard | semi_hard
-}
 LOSS_NAMES = ("crossentropy", "focal", "triplet")
 TRIPLET_STRATEGIES = ("paper", "batch_all", "batch_hard", "semi_hard")
 #: balanced_alpha clips the mean-1 inverse frequencies to this range (a 16x spread at most)
@@ -324,18 +316,21 @@ class EmbeddingTripletLoss(keras.losses.Loss):
 # --------------------------------------------------------------------------- factory
 
 def make_losses(train_cfg: dict, n_classes: int, class_counts=None) -> dict:
-    """What a trainer needs for ``train_cfg["loss"]`` (settings read with :data:`LOSS_DEFAULTS`).
+    """What a trainer needs for ``train_cfg["loss"]`` (the settings, their defaults and docs:
+    ``pipeline.settings.Training``; a partial section is filled from there).
 
     Returns ``{"loss": name, "classification": Loss, "embedding": Loss or None,
     "loss_weights": {"classification": 1.0[, "embedding": triplet_weight]}}``; the classification
     loss masks unverified rows when ``loss_masking`` is set. ``class_counts`` (training rows per
     class) is needed for ``focal_alpha: balanced``.
     """
+    train_cfg = training_settings(train_cfg)
+
     def setting(key):
-        return train_cfg.get(key, LOSS_DEFAULTS[key])
+        return train_cfg[key]
 
     name = setting("loss")
-    mask_ratio = train_cfg.get("loss_masking")
+    mask_ratio = train_cfg["loss_masking"]
     if name not in LOSS_NAMES:
         raise ConfigError(f"training.loss: unknown loss {name!r}; one of {', '.join(LOSS_NAMES)}")
     out = {"loss": name, "embedding": None, "loss_weights": {"classification": 1.0}}
@@ -359,7 +354,7 @@ def make_losses(train_cfg: dict, n_classes: int, class_counts=None) -> dict:
             raise ConfigError(f"training.focal_alpha has {len(alpha)} values, expected one per class ({n_classes})")
         out["classification"] = TaggingFocalLoss(gamma=gamma, alpha=alpha, mask_ratio=mask_ratio)
     else:
-        if float(train_cfg.get("mixup_alpha") or 0.0) > 0:
+        if float(train_cfg["mixup_alpha"] or 0.0) > 0:
             raise ConfigError("mixup and the triplet loss do not mix: mixed labels have no anchor/positive; "
                               "set mixup_alpha: 0 (the paper trains the triplet model without mixup)")
         strategy = setting("triplet_strategy")

@@ -175,15 +175,38 @@ class Training(Section):
     """TF op determinism (bit-exact reruns, ~2x slower on CPU)"""
     bn_momentum: float | None = Field(0.9, ge=0, le=1)
     """BatchNorm moving-average momentum (null: the builder's 0.99); quick runs are short"""
-    batch_policy: Literal["balanced", "unbalanced"] | None = None
-    """null/unbalanced: random clips; balanced: one clip of every class per batch"""
+    batch_policy: Literal["balanced", "unbalanced", "pairs"] | None = None
+    """null/unbalanced: random clips; balanced: one clip of every class per batch; pairs: batch_size / 2 classes
+    with two clips each (what the triplet loss needs; chosen for it when null)"""
     early_stopping_split: Literal["heldout", "inner"] = "heldout"
     """heldout: the fold's held-out clips pick the best epoch (papers); inner: a seeded slice of the training folds"""
     inner_fraction: float = Field(0.15, gt=0, le=0.5)
     """inner: share of the training clips in the early-stopping slice"""
+    loss: Literal["crossentropy", "focal", "triplet"] = "crossentropy"
+    """crossentropy; focal (multi-scale Xception paper); triplet: crossentropy + triplet_weight x a triplet loss on
+    the model's embedding output (factorized-CNN paper; needs a builder with embedding_output)"""
+    focal_gamma: float = Field(2.0, ge=0)
+    """focal: focusing exponent (paper: 3 on subtask A, 1 on B; 0 = cross-entropy)"""
+    focal_alpha: list[float] | Literal["balanced"] | None = None
+    """focal: per-class weights: null (all 1), one per class, or balanced (inverse class frequency of the training
+    rows, mean 1, clipped to [0.25, 4])"""
+    triplet_margin: float = Field(0.2, ge=0)
+    """triplet: hinge margin on squared Euclidean distances (paper: 0.2)"""
+    triplet_weight: float = Field(10.0, ge=0)
+    """triplet: gamma of crossentropy + gamma x triplet (paper: 10)"""
+    triplet_strategy: Literal["paper", "batch_all", "batch_hard", "semi_hard"] = "paper"
+    """triplet: how triplets are formed in a batch: paper (every anchor-positive pair of a class from different
+    clips, a random negative of another class each), batch_all, batch_hard or semi_hard"""
     callbacks: list[dict[str, Any]] = []
     """extra Keras callbacks per fold: [{class: CSVLogger or pkg.module.Class, args: {...}}]; "{fold_dir}" in a
     string argument is the fold's folder"""
+
+    @model_validator(mode="after")
+    def _no_mixed_triplets(self):
+        if self.loss == "triplet" and self.mixup_alpha > 0:
+            raise ValueError("mixup_alpha: mixup and the triplet loss do not mix (mixed labels have no anchor or "
+                             "positive); set mixup_alpha: 0 (the paper trains the triplet model without mixup)")
+        return self
 
 
 def check_train_overrides(value: dict, where: str) -> dict:
@@ -495,6 +518,13 @@ class Config(Section):
                     if feat not in self.features:
                         raise ValueError(f"{where}: feature {feat!r} is not defined in features"
                                          f"{closest(feat, self.features)}")
+                merged = Training.model_validate(merge_dicts(self.training.model_dump(), spec.train))
+                if merged.loss == "triplet":
+                    import models
+                    if spec.builder in HANDCRAFTED_PARAMS or not models.embedding_capable(spec.builder):
+                        raise ValueError(f"{where}.train.loss: the triplet loss needs an embedding output, which "
+                                         f"{spec.builder} has none of (builders with one: "
+                                         f"{', '.join(n for n in models.BUILDERS if models.embedding_capable(n))})")
                 if spec.embeddings_from and spec.embeddings_from not in everything:
                     raise ValueError(f"{where}.embeddings_from: {spec.embeddings_from!r} is not a model"
                                      f"{closest(spec.embeddings_from, everything)}")
@@ -509,6 +539,15 @@ class Config(Section):
         if mf and mf not in self.features:
             raise ValueError(f"stacking.mfcc_feature: {mf!r} is not defined in features{closest(mf, self.features)}")
         return self
+
+
+def merge_dicts(base: dict, override: dict) -> dict:
+    """``override`` over ``base``, recursively for mappings (pipeline.config.deep_merge is this)."""
+    out = dict(base)
+    for key, value in (override or {}).items():
+        out[key] = (merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict)
+                    else value)
+    return out
 
 
 def closest(name: str, known) -> str:

@@ -99,8 +99,9 @@ def test_tiny_model_trains_with_masked_loss():
 # --------------------------------------------------------------------------- focal loss
 
 from pipeline.config import ConfigError  # noqa: E402
+from pipeline.settings import Training  # noqa: E402
 from pipeline.losses import (  # noqa: E402
-    ALPHA_RANGE, LOSS_DEFAULTS, EmbeddingTripletLoss, TaggingFocalLoss, balanced_alpha, draw_negatives,
+    ALPHA_RANGE, EmbeddingTripletLoss, TaggingFocalLoss, balanced_alpha, draw_negatives,
     make_losses, pack_triplet_targets, triplet_loss)
 
 
@@ -382,8 +383,9 @@ def test_tiny_two_output_model_trains_with_ce_plus_triplet():
 # --------------------------------------------------------------------------- make_losses
 
 def test_make_losses_defaults_and_kinds():
-    assert LOSS_DEFAULTS == {"loss": "crossentropy", "focal_gamma": 2.0, "focal_alpha": None,
-                             "triplet_margin": 0.2, "triplet_weight": 10.0, "triplet_strategy": "paper"}
+    defaults = Training()
+    assert (defaults.loss, defaults.focal_gamma, defaults.focal_alpha, defaults.triplet_margin,
+            defaults.triplet_weight, defaults.triplet_strategy) == ("crossentropy", 2.0, None, 0.2, 10.0, "paper")
     ce = make_losses({"loss_masking": 0.8}, n_classes=3)
     assert isinstance(ce["classification"], TaggingCrossEntropy) and ce["classification"].mask_ratio == 0.8
     assert ce["embedding"] is None and ce["loss_weights"] == {"classification": 1.0} and ce["loss"] == "crossentropy"
@@ -408,7 +410,7 @@ def test_make_losses_defaults_and_kinds():
 
 
 @pytest.mark.parametrize("cfg, message", [
-    ({"loss": "hinge"}, "unknown loss 'hinge'"),
+    ({"loss": "hinge"}, "training.loss = 'hinge'"),
     ({"loss": "triplet", "mixup_alpha": 0.4}, "mixup and the triplet loss do not mix"),
     ({"loss": "focal", "focal_alpha": [1.0, 1.0]}, "2 values, expected one per class \\(3\\)"),
     ({"loss": "focal", "focal_alpha": "inverse"}, "focal_alpha"),
