@@ -301,6 +301,9 @@ class ModelSpec(Section):
         return check_train_overrides(value, "train")
 
 
+TRAINER_SET_PARAM = "embedding_output"  # a builder parameter the trainer sets (from train.loss), never the user
+
+
 def _resolve_params(name: str, spec: dict) -> dict:
     """The builder's hyperparameters with its defaults filled in; unknown names refused."""
     import models  # cheap: reads signatures without importing Keras
@@ -312,6 +315,9 @@ def _resolve_params(name: str, spec: dict) -> dict:
         known = sorted(models.BUILDERS) + sorted(HANDCRAFTED_PARAMS)
         raise ValueError(f"builder: unknown builder {builder!r}{closest(builder, known)}")
     defaults = models.builder_defaults(builder)
+    defaults.pop(TRAINER_SET_PARAM, None)
+    if TRAINER_SET_PARAM in params:
+        raise ValueError(f"params.{TRAINER_SET_PARAM}: set by the trainer from train.loss (triplet: on), not here")
     for key, value in params.items():
         if key not in defaults:
             raise ValueError(f"params.{key}: not a parameter of {builder}{closest(key, defaults)}")
@@ -331,6 +337,12 @@ def _default_models() -> dict:
         "mla": {"embeddings_from": "vggish", "normalize": False, "window": 6,
                 "params": {"units": 128, "levels": 3, "dropout": 0.4},
                 "train": {"mixup_alpha": 0.2, "eval_hop_fraction": 0.5}},
+        "xception_ms": {"feature": "logmel", "window": 64, "params": {"width": 0.25, "middle_blocks": 2},
+                        "train": {"loss": "focal"}},
+        "factorized_cnn": {"feature": "logmel", "window": 64,
+                           "train": {"loss": "triplet", "mixup_alpha": 0.0,
+                                     "spec_augment": {"time_masks": 1, "time_width": 8, "freq_masks": 1,
+                                                      "freq_width": 6}}},
         "stats_lgbm": {"features": ["mfcc", "logmel"], "window": 0},
         "stats_lr": {"features": ["mfcc", "logmel"], "window": 0},
     }
