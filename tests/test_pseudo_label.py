@@ -581,9 +581,24 @@ def test_guard_switches_off_decisions_its_record_does_not_support(tmp_path):
     assert result.relabelled == 0 and set(result.status[2:]) == {ver.UNRESOLVED}
     assert (tmp_path / "iter0" / "calibration.csv").exists()
     # without the guard the same tables accept and relabel rows
-    plain = ver.verification_loop(folds, classes, lab.settings({"pseudo_label": {"max_iterations": 3}}),
+    plain = ver.verification_loop(folds, classes, lab.settings({"pseudo_label": {"max_iterations": 3,
+                                                                                "guard": False}}),
                                  ScriptedRunner(tables), tmp_path / "plain")
     assert plain.relabelled > 0 or any(str(st).startswith("accepted") for st in plain.status)
+
+
+def test_a_guard_that_decides_nothing_gives_exactly_the_fixed_smoothing_labels(tmp_path):
+    folds, classes, tables = scripted_problem()
+    cfg = load_config("quick")
+    cfg["pseudo_label"].update(guard=True, min_support=1, max_iterations=3)
+    work = WorkDir(tmp_path / "work")
+    lab.pseudo_label_stage(cfg, work, folds, classes, progress=False,
+                           runner=CalibratedRunner(tables, [False, False, False]))
+    got = pd.read_csv(work.labels_csv, dtype=str, keep_default_na=False)
+    want = ver.given_labels_table(folds, cfg["training"]["smoothing_verified"],
+                                  cfg["training"]["smoothing_unverified"])
+    assert got["label"].tolist() == want["label"].tolist() and got["status"].tolist() == want["status"].tolist()
+    np.testing.assert_allclose(got["epsilon"].astype(float), want["epsilon"])
 
 
 def test_guard_falls_back_when_accepted_rows_hurt(tmp_path):
