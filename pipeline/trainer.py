@@ -15,6 +15,15 @@ weights, the history table and the per-epoch checkpoint (``last.npz`` +
 resumes from its last finished epoch; batch randomness is seeded by (seed,
 fold, epoch) and the checkpoint holds the optimizer, dropout RNG and
 callback states, so a resumed run ends exactly where an uninterrupted one does.
+
+The loss is ``training.loss`` (:func:`pipeline.losses.make_losses`):
+cross-entropy, the focal loss (``focal_alpha: balanced`` takes the fold's
+training rows' class counts), or cross-entropy + ``triplet_weight`` x a
+triplet loss on the model's ``embedding`` output. A triplet model is built
+with ``embedding_output=True`` and trains on ``pairs`` batches (two clips of
+each class, see :mod:`pipeline.sampling`); it predicts with its
+``predictions`` output, and ``best.keras`` holds that output only, so a
+saved fold model is a single-output probability model whatever the loss.
 """
 from __future__ import annotations
 
@@ -35,13 +44,18 @@ from pipeline.callbacks import (EPOCH_LOGS, EarlyStop, EpochHistory, EpochLog, F
 from pipeline.config import model_settings, training_settings
 from pipeline.fingerprints import param_hash
 from pipeline.normalize import Normalizer
-from pipeline.losses import TaggingCrossEntropy
+from pipeline.losses import EmbeddingTripletLoss, draw_negatives, make_losses, pack_triplet_targets
 from pipeline.metrics import accuracy, map_at_3
 from pipeline.predictions import EPS, normalize_rows
-from pipeline.sampling import balanced_batch_size, balanced_order, check_batch_policy
+from pipeline.sampling import (balanced_batch_size, balanced_order, pairs_batch_size, pairs_order,
+                               policy_for_loss)
 from pipeline.windows import random_window, sliding_windows
 
 log = logging.getLogger("trainer")
+
+#: the class-probability output of every builder (the softmax head of models/_common.py); a triplet
+#: model's second output is ``EMBEDDING_OUTPUT``
+PROBS_OUTPUT, EMBEDDING_OUTPUT = "predictions", "embedding"
 
 
 def set_determinism(seed: int, strict: bool = False) -> None:
@@ -73,6 +87,14 @@ class WindowBatches:
 
     The epoch is set from outside (``set_epoch``) and seeds all randomness,
     so batches are reproducible and a resumed run continues identically.
+
+    With ``loss: triplet`` a batch's targets are ``{"predictions": y,
+    "embedding": packed}``: ``packed`` holds each row's given class (before
+    smoothing), its row index as the source (two windows of one clip are
+    never a positive pair) and, for ``triplet_strategy: paper``, a negative
+    per row drawn with the batch's seeded numpy generator. Sample weights
+    (``class_weight``) then come as ``{"predictions": w}``: the triplet loss
+    is one value per batch and takes none.
     """
 
     def __init__(self, store, rows: TrainRows, n_classes: int, window: int, train_cfg: dict,
@@ -80,10 +102,20 @@ class WindowBatches:
         self.store, self.rows, self.n_classes, self.window = store, rows, n_classes, window
         train_cfg = training_settings(train_cfg)
         self.cfg, self.normalizer, self.seed = train_cfg, normalizer, seed
-        # batch_policy "balanced": one clip of every class per batch (batch size = classes present)
-        self.policy = check_batch_policy(train_cfg["batch_policy"])
-        self.batch_size = (balanced_batch_size(rows.labels) if self.policy == "balanced"
-                           else int(train_cfg["batch_size"]))
+        self.triplet = train_cfg["loss"] == "triplet"
+        self.negatives = self.triplet and train_cfg["triplet_strategy"] == "paper"
+        # batch_policy "balanced": one clip of every class per batch (batch size = classes present);
+        # "pairs": batch_size // 2 classes with two clips each (the triplet loss's default)
+        self.policy = policy_for_loss(train_cfg["batch_policy"], train_cfg["loss"])
+        if self.policy != (train_cfg["batch_policy"] or "unbalanced"):
+            log.info("batch_policy %s: the triplet loss trains on pairs batches instead (two clips of each class)",
+                     train_cfg["batch_policy"] or "null")
+        if self.policy == "balanced":
+            self.batch_size = balanced_batch_size(rows.labels)
+        elif self.policy == "pairs":
+            self.batch_size = pairs_batch_size(rows.labels, int(train_cfg["batch_size"]))
+        else:
+            self.batch_size = int(train_cfg["batch_size"])
         steps = train_cfg["steps_per_epoch"]
         self.steps = int(steps) if steps else max(1, math.ceil(len(rows.fnames) / self.batch_size))
         self.class_weight = (balanced_sample_weights(rows.labels, n_classes)
@@ -96,6 +128,9 @@ class WindowBatches:
         rng = np.random.default_rng([self.seed, epoch])
         if self.policy == "balanced":
             self.order = balanced_order(self.rows.labels, self.steps, rng)
+            return
+        if self.policy == "pairs":
+            self.order = pairs_order(self.rows.labels, self.steps, self.batch_size, rng)
             return
         n_draw = self.steps * self.batch_size
         reps = -(-n_draw // len(self.rows.fnames))
@@ -118,29 +153,74 @@ class WindowBatches:
         x, y, verified = mixup(x, y, float(self.cfg["mixup_alpha"] or 0.0), rng, verified)
         if self.mask_ratio is not None:
             y = np.concatenate([y, verified[:, None]], axis=1)
+        if self.triplet:
+            negatives = draw_negatives(self.rows.labels[pick], rng) if self.negatives else None
+            y = {PROBS_OUTPUT: y, EMBEDDING_OUTPUT: pack_triplet_targets(self.rows.labels[pick], pick, negatives)}
+            if self.class_weight is not None:
+                return x, y, {PROBS_OUTPUT: self.class_weight[pick]}
+            return x, y
         if self.class_weight is not None:
             return x, y, self.class_weight[pick]
         return x, y
 
 
+def _probs_index(model) -> int:
+    """Position of the class-probability output among a several-output model's outputs."""
+    names = list(model.output_names)
+    return names.index(PROBS_OUTPUT) if PROBS_OUTPUT in names else 0
+
+
+def class_probabilities(model, outputs):
+    """The class probabilities among what ``model`` predicted: the whole output of a one-output
+    model, the ``predictions`` output of a model with several (a triplet model's embedding is
+    for training only)."""
+    if isinstance(outputs, dict):
+        return outputs[PROBS_OUTPUT]
+    if isinstance(outputs, (list, tuple)):
+        return outputs[_probs_index(model)] if len(outputs) > 1 else outputs[0]
+    return outputs
+
+
+def n_outputs_classes(model) -> int:
+    """Width of ``model``'s class-probability output."""
+    shape = model.output_shape
+    if isinstance(shape, dict):
+        shape = shape[PROBS_OUTPUT]
+    elif isinstance(shape, list):  # several outputs: one shape tuple each
+        shape = shape[_probs_index(model)]
+    return int(shape[-1])
+
+
+def probability_model(model):
+    """``model`` itself when its one output is the class probabilities, otherwise a model of the
+    same layers (weights shared) with only the ``predictions`` output: what ``best.keras`` holds,
+    so every user of a saved fold model gets one probability array."""
+    if len(model.outputs) == 1:
+        return model
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    return keras.Model(inputs, model.outputs[_probs_index(model)], name=model.name)
+
+
 def predict_fixed_batches(model, x: np.ndarray, batch_size: int) -> np.ndarray:
     """Predict in batches of one fixed shape (the last one padded), so the
-    compiled predict function is traced once instead of once per size."""
+    compiled predict function is traced once instead of once per size.
+    A model with several outputs gives its class probabilities (:func:`class_probabilities`)."""
     n = len(x)
     out = []
     for start in range(0, n, batch_size):
         chunk = x[start:start + batch_size]
         if len(chunk) < batch_size:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
-        out.append(np.asarray(model.predict_on_batch(chunk))[: min(batch_size, n - start)])
-    return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), dtype=np.float32)
+        probs = class_probabilities(model, model.predict_on_batch(chunk))
+        out.append(np.asarray(probs)[: min(batch_size, n - start)])
+    return np.concatenate(out) if out else np.zeros((0, n_outputs_classes(model)), dtype=np.float32)
 
 
 def predict_clips(model, store, split: str, fnames: list[str], window: int, hop: int,
                   normalizer: Normalizer, batch_size: int = 128, max_windows: int = 4096) -> np.ndarray:
     """Clip-level probabilities: every clip's sliding windows, predicted in
     large batches across clips, combined per clip by geometric mean."""
-    out = np.zeros((len(fnames), model.output_shape[-1]), dtype=np.float64)
+    out = np.zeros((len(fnames), n_outputs_classes(model)), dtype=np.float64)
     pending, owners, first = [], [], 0
 
     def flush(upto: int):
@@ -178,7 +258,8 @@ class FoldResult:
     summary: dict = field(default_factory=dict)
 
 
-def fresh_model(spec: dict, input_shape: tuple, n_classes: int, cache: dict | None = None):
+def fresh_model(spec: dict, input_shape: tuple, n_classes: int, cache: dict | None = None,
+                class_counts=None):
     """A compiled model with fresh initial weights.
 
     Compiling a train step traces a graph, which costs seconds to tens of
@@ -187,18 +268,22 @@ def fresh_model(spec: dict, input_shape: tuple, n_classes: int, cache: dict | No
     ``cache`` (one dict per stage run), the model compiled for the first fold
     is reused: a freshly built copy (same seeded initialisation as a new
     model) lends its weights and RNG states, and the optimizer state is
-    zeroed, which is what a new Adam starts from."""
-    from models import build_model
+    zeroed, which is what a new Adam starts from.
+
+    ``class_counts`` (the fold's training rows per class) set the focal
+    loss's ``focal_alpha: balanced``; the losses' settings are part of the
+    cache key, so a fold whose alphas differ compiles its own model."""
+    losses, _ = compile_losses(spec, n_classes, class_counts)
     key = param_hash({"builder": spec["builder"], "params": spec["params"], "shape": list(input_shape),
-                      "classes": n_classes, "train": spec["train"]})
+                      "classes": n_classes, "train": spec["train"], "losses": _loss_settings(losses)})
     if cache is None or key not in cache:
-        model = build_compiled(spec, input_shape, n_classes)
+        model = build_compiled(spec, input_shape, n_classes, class_counts)
         if cache is not None:
             cache.clear()  # one model at a time: keep memory flat
             cache[key] = model
         return model
     model = cache[key]
-    template = build_model(spec["builder"], input_shape, n_classes, **spec["params"])
+    template = _build(spec, input_shape, n_classes)
     model.set_weights(template.get_weights())
     theirs = rng_states(template)
     for key, v in rng_states(model).items():  # the dropout RNGs start where a new model's would
@@ -208,6 +293,17 @@ def fresh_model(spec: dict, input_shape: tuple, n_classes: int, cache: dict | No
             v.assign(keras.ops.zeros_like(v))
     model.optimizer.learning_rate.assign(float(spec["train"]["lr"]))
     return model
+
+
+def sample_weights(model, batch):
+    """A batch's sample weights as ``train_on_batch`` takes them: ``None``, one array, or, for
+    per-output weights (``{"predictions": w}``), a list in the model's output order with ``None``
+    for the other outputs (Keras 3 matches a dict of weights to a list-output model by position,
+    so a dict fails there)."""
+    weights = batch[2] if len(batch) > 2 else None
+    if isinstance(weights, dict):
+        return [weights.get(name) for name in model.output_names]
+    return weights
 
 
 def _run_epochs(model, batches: "WindowBatches", callbacks, first: int, epochs: int, evaluate, val_labels,
@@ -231,7 +327,7 @@ def _run_epochs(model, batches: "WindowBatches", callbacks, first: int, epochs: 
         for i in range(len(batches)):
             callbacks.on_train_batch_begin(i)
             batch = batches[i]
-            loss = model.train_on_batch(*batch[:2], sample_weight=batch[2] if len(batch) > 2 else None)
+            loss = model.train_on_batch(*batch[:2], sample_weight=sample_weights(model, batch))
             losses.append(float(np.asarray(loss if np.ndim(loss) == 0 else loss[0])))
             callbacks.on_train_batch_end(i, {"loss": losses[-1]})
         val_probs = evaluate(model)
@@ -253,15 +349,52 @@ def _set_bn_momentum(model, momentum: float) -> None:
             layer.momentum = float(momentum)
 
 
-def build_compiled(spec: dict, input_shape: tuple, n_classes: int):
+def _build(spec: dict, input_shape: tuple, n_classes: int):
+    """The model of ``spec``, with its ``embedding`` output when it trains with the triplet loss."""
     from models import build_model
+    params = dict(spec["params"])
+    if training_settings(spec["train"])["loss"] == "triplet":
+        params["embedding_output"] = True
+    return build_model(spec["builder"], input_shape, n_classes, **params)
+
+
+def compile_losses(spec: dict, n_classes: int, class_counts=None):
+    """``(loss, loss_weights)`` for ``model.compile`` from ``training.loss`` (:func:`make_losses`):
+    one loss for cross-entropy and focal (no weights); for the triplet loss one per output,
+    ``{"predictions": classification, "embedding": triplet}`` weighted 1 and ``triplet_weight``.
+    The triplet loss reads the row's source (its clip, see :class:`WindowBatches`) and, for the
+    ``paper`` strategy, the negatives drawn with numpy from its targets."""
+    made = make_losses(spec["train"], n_classes, class_counts)
+    if made["embedding"] is None:
+        return made["classification"], None
+    strategy = made["embedding"].strategy
+    embedding = EmbeddingTripletLoss(margin=made["embedding"].margin, strategy=strategy, with_sources=True,
+                                     with_negatives=strategy == "paper")
+    weights = made["loss_weights"]
+    return ({PROBS_OUTPUT: made["classification"], EMBEDDING_OUTPUT: embedding},
+            {PROBS_OUTPUT: float(weights["classification"]), EMBEDDING_OUTPUT: float(weights["embedding"])})
+
+
+def _loss_settings(loss) -> dict:
+    if isinstance(loss, dict):
+        return {name: _loss_settings(v) for name, v in loss.items()}
+    return {"class": type(loss).__name__, **loss.get_config()}
+
+
+def build_compiled(spec: dict, input_shape: tuple, n_classes: int, class_counts=None):
+    """A freshly built model, compiled with Adam and the loss of ``training.loss``
+    (``class_counts``: the training rows per class, for ``focal_alpha: balanced``)."""
     spec = model_settings(spec)
-    model = build_model(spec["builder"], input_shape, n_classes, **spec["params"])
+    model = _build(spec, input_shape, n_classes)
     tcfg = spec["train"]
     if tcfg["bn_momentum"] is not None:
         _set_bn_momentum(model, tcfg["bn_momentum"])
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(tcfg["lr"])),
-                  loss=TaggingCrossEntropy(mask_ratio=tcfg["loss_masking"]))
+    loss, loss_weights = compile_losses(spec, n_classes, class_counts)
+    if loss_weights is None:
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(tcfg["lr"])), loss=loss)
+    else:
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(tcfg["lr"])), loss=loss,
+                      loss_weights=loss_weights)
     return model
 
 
@@ -287,9 +420,11 @@ def train_fold(spec: dict, store, rows: TrainRows, val_fnames: list[str], val_la
     probe = store.load(rows.split, rows.fnames[0])
     input_shape = (window,) + tuple(probe.shape[1:])
 
-    set_determinism(seed * 1000 + fold, strict=bool(tcfg["strict_determinism"]))
-    model = fresh_model(spec, input_shape, n_classes, model_cache)
+    # the batches first: a batch policy the loss cannot train with fails before the model compiles
     batches = WindowBatches(store, rows, n_classes, window, tcfg, normalizer, seed=seed * 1000 + fold)
+    class_counts = np.bincount(np.asarray(rows.labels, dtype=int), minlength=n_classes)
+    set_determinism(seed * 1000 + fold, strict=bool(tcfg["strict_determinism"]))
+    model = fresh_model(spec, input_shape, n_classes, model_cache, class_counts=class_counts)
     eval_bs = int(tcfg["eval_batch_size"])
     epochs = int(tcfg["epochs"])
 
@@ -316,10 +451,10 @@ def train_fold(spec: dict, store, rows: TrainRows, val_fnames: list[str], val_la
     else:  # training finished in an earlier run: its table may not have been written
         history.write()
 
-    best = model
+    best = model  # predicts its class probabilities (predict_clips), whatever its outputs
     if (out_dir / "best.weights.npz").exists():
         load_weights(best, out_dir / "best.weights.npz")
-        best.save(out_dir / "best.keras")  # the kept model, in Keras' format
+        probability_model(best).save(out_dir / "best.keras")  # the kept model, in Keras' format
     else:  # finished and saved in an earlier run, which stopped before its summary
         best = load_saved_model(out_dir / "best.keras")
     if heldout_fnames is None or list(heldout_fnames) == list(val_fnames):
