@@ -419,7 +419,8 @@ class PseudoLabel(Section):
 
 
 class Run(Section):
-    models: list[str] = ["stats_lgbm", "stats_lr", "cnn_ref", "wave1d", "inception2d", "vggish", "mla"]
+    models: list[str] = ["stats_lgbm", "stats_lr", "cnn_ref", "wave1d", "inception2d", "xception_ms",
+                         "factorized_cnn", "vggish", "mla"]
     """models trained, in this order (a model on embeddings after its source); stats_*: handcrafted baselines"""
 
 
