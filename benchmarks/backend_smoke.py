@@ -5,6 +5,9 @@
 
 Uses the project's own loss (with loss masking too) so the losses are
 checked as well. Tiny widths: this checks that the code runs, not speed.
+The focal and triplet losses through the trainer (one fold of xception_ms
+and factorized_cnn each) are checked on a backend with
+``KERAS_BACKEND=jax python -m pytest -q tests/test_trainer_losses.py``.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ CASES = {
     "wave1d": ((4096, 1), dict(widths=(8, 16, 24, 32))),
     "inception2d": ((64, 64, 3), dict(width=0.25)),
     "vggish": ((96, 64), dict(width=1 / 16, hidden=16)),
+    "xception_ms": ((32, 48, 3), dict(width=0.125, middle_blocks=1)),
+    "factorized_cnn": ((32, 48, 3), dict(channels=(8, 16), fc_units=16)),
     "mla": ((6, 128), dict(units=32)),
 }
 
