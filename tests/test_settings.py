@@ -136,3 +136,14 @@ def test_config_round_trips_through_the_schema():
     again = Config.model_validate(cfg).model_dump()
     assert again == cfg
     assert deep_merge(cfg, {}) == cfg
+
+
+def test_triplet_loss_is_refused_where_it_cannot_train():
+    msg = _error("quick", ["models.cnn_ref.train.loss=triplet"])
+    assert "models.cnn_ref.train.loss" in msg and "embedding output" in msg and "factorized_cnn" in msg
+    msg = _error("quick", ["models.factorized_cnn.train.mixup_alpha=0.4"])
+    assert "mixup and the triplet loss do not mix" in msg
+    msg = _error("quick", ["models.factorized_cnn.params.embedding_output=true"])
+    assert "set by the trainer" in msg
+    assert load_config("quick", ["models.xception_ms.train.loss=triplet"])["models"]["xception_ms"]["train"]["loss"] \
+        == "triplet"   # xception_ms has an embedding output too

@@ -142,6 +142,14 @@ def test_focal_balanced_step_on_xception_ms(store, tmp_path):
     _check_saved_model(tmp_path, result, store)
 
 
+@pytest.mark.parametrize("builder, loss", [("xception_ms", "crossentropy"), ("xception_ms", "triplet"),
+                                           ("factorized_cnn", "crossentropy"), ("factorized_cnn", "focal")])
+def test_every_new_model_trains_with_every_loss(store, tmp_path, builder, loss):
+    result = _fold(store, _spec(builder, loss=loss), tmp_path)
+    assert np.isfinite(result.summary["val_map3"])
+    _check_saved_model(tmp_path, result, store)
+
+
 def test_model_cache_key_holds_the_focal_alphas():
     spec = trainer.model_settings(_spec("factorized_cnn", loss="focal", focal_alpha="balanced"))
     cache: dict = {}
