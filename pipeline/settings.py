@@ -111,8 +111,75 @@ class VggishFeature(Section):
     kind: Literal["vggish"] = "vggish"
 
 
-Feature = Annotated[Union[LogmelFeature, MfccFeature, WaveFeature, VggishFeature], Field(discriminator="kind")]
-FEATURE_KINDS = {"logmel": LogmelFeature, "mfcc": MfccFeature, "wave": WaveFeature, "vggish": VggishFeature}
+class CqtFeature(Section):
+    """Constant-Q log-magnitude spectrogram (librosa.cqt, dB), (T, n_bins)."""
+    kind: Literal["cqt"] = "cqt"
+    sr: int = Field(16000, ge=1)
+    """sample rate the audio is resampled to (Hz)"""
+    hop_length: int = Field(256, ge=1)
+    """hop between frames (samples; a multiple of 2^(octaves - 1), octaves = ceil(n_bins / bins_per_octave))"""
+    n_bins: int = Field(84, ge=1)
+    """frequency bins (84 at 12 per octave: 7 octaves, C1 to B7)"""
+    bins_per_octave: int = Field(12, ge=1)
+    """bins per octave"""
+    fmin: float = Field(32.703195662574764, gt=0)
+    """centre of the lowest bin (Hz; C1)"""
+    dtype: Dtype = "float16"
+    """storage type in the cache"""
+
+    @model_validator(mode="after")
+    def _librosa_limits(self):
+        n_octaves = -(-self.n_bins // self.bins_per_octave)
+        step = 2 ** (n_octaves - 1)
+        if self.hop_length % step:
+            raise ValueError(f"hop_length: {self.hop_length} is not a multiple of 2^{n_octaves - 1} = {step}, which "
+                             f"a {n_octaves}-octave CQT needs to halve the rate and the hop once per octave (librosa "
+                             f"< 0.9 refuses other hops, later ones compute the lower octaves at the full rate, ~3x "
+                             f"slower); use e.g. {max(step, round(self.hop_length / step) * step)}")
+        # librosa's limit: the top bin's filter, f (1 + 0.5 * 1.50018 (Hann bandwidth) * alpha), under Nyquist
+        ratio = 2.0 ** (2.0 / self.bins_per_octave)
+        alpha = (ratio - 1.0) / (ratio + 1.0)
+        f_top = self.fmin * 2.0 ** ((self.n_bins - 1) / self.bins_per_octave)
+        cutoff = f_top * (1.0 + 0.5 * 1.50018310546875 * alpha)
+        if cutoff > self.sr / 2.0:
+            raise ValueError(f"n_bins: the top bin ({f_top:.0f} Hz) has a filter reaching {cutoff:.0f} Hz, above the "
+                             f"Nyquist frequency sr / 2 = {self.sr / 2:g} Hz; use fewer bins, a lower fmin or a "
+                             f"higher sr")
+        return self
+
+
+class GammatoneFeature(Section):
+    """Gammatone log-power spectrogram (dB), (T, n_bands): ERB-spaced 4th-order IIR gammatone filters."""
+    kind: Literal["gammatone"] = "gammatone"
+    sr: int = Field(16000, ge=1)
+    """sample rate the audio is resampled to (Hz)"""
+    win_length: int = Field(1024, ge=2)
+    """frame over which each band's power is averaged (samples)"""
+    hop_length: int = Field(256, ge=1)
+    """hop between frames (samples)"""
+    n_bands: int = Field(64, ge=1)
+    """gammatone filters (bands)"""
+    fmin: float = Field(50.0, gt=0)
+    """centre of the lowest band (Hz)"""
+    fmax: float = Field(7500.0, gt=0)
+    """centre of the highest band (Hz; below sr / 2)"""
+    dtype: Dtype = "float16"
+    """storage type in the cache"""
+
+    @model_validator(mode="after")
+    def _band_limits(self):
+        if self.fmax >= self.sr / 2.0:
+            raise ValueError(f"fmax: {self.fmax:g} Hz is not below the Nyquist frequency sr / 2 = {self.sr / 2:g} Hz "
+                             f"(a gammatone centre must be)")
+        if self.fmin >= self.fmax:
+            raise ValueError(f"fmin: {self.fmin:g} Hz is not below fmax = {self.fmax:g} Hz")
+        return self
+
+
+Feature = Annotated[Union[LogmelFeature, MfccFeature, WaveFeature, VggishFeature, CqtFeature, GammatoneFeature],
+                    Field(discriminator="kind")]
+FEATURE_KINDS = {"logmel": LogmelFeature, "mfcc": MfccFeature, "wave": WaveFeature, "vggish": VggishFeature,
+                 "cqt": CqtFeature, "gammatone": GammatoneFeature}
 
 
 def _default_features() -> dict:
