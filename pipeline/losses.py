@@ -283,7 +283,8 @@ class EmbeddingTripletLoss(keras.losses.Loss):
     """
 
     def __init__(self, margin: float = 0.2, strategy: str = "paper", with_sources: bool = False,
-                 with_negatives: bool = False, seed: int | None = None, name: str = "embedding_triplet", **kwargs):
+                 with_negatives: bool = False, seed: int | None = None, normalize: bool = False,
+                 name: str = "embedding_triplet", **kwargs):
         super().__init__(name=name, **kwargs)
         if strategy not in TRIPLET_STRATEGIES:
             raise ValueError(f"unknown triplet strategy {strategy!r}; one of {', '.join(TRIPLET_STRATEGIES)}")
@@ -292,6 +293,7 @@ class EmbeddingTripletLoss(keras.losses.Loss):
         self.with_sources = bool(with_sources)
         self.with_negatives = bool(with_negatives)
         self.seed = seed
+        self.normalize = bool(normalize)  # L2-normalise the embeddings first (FaceNet): the margin gets a scale
         self._seed_generator = (keras.random.SeedGenerator(seed)
                                 if strategy == "paper" and not with_negatives else None)
 
@@ -305,12 +307,15 @@ class EmbeddingTripletLoss(keras.losses.Loss):
             sources = ops.round(sources)
         if negatives is not None:
             negatives = ops.round(negatives)
+        if self.normalize:
+            y_pred = y_pred / ops.sqrt(ops.sum(ops.square(y_pred), axis=-1, keepdims=True) + EPS)
         return triplet_loss(y_true, y_pred, margin=self.margin, strategy=self.strategy, negatives=negatives,
                             sources=sources, seed=self._seed_generator)
 
     def get_config(self):
         return {**super().get_config(), "margin": self.margin, "strategy": self.strategy,
-                "with_sources": self.with_sources, "with_negatives": self.with_negatives, "seed": self.seed}
+                "with_sources": self.with_sources, "with_negatives": self.with_negatives, "seed": self.seed,
+                "normalize": self.normalize}
 
 
 # --------------------------------------------------------------------------- factory
@@ -362,6 +367,7 @@ def make_losses(train_cfg: dict, n_classes: int, class_counts=None) -> dict:
             raise ConfigError(f"training.triplet_strategy: unknown {strategy!r}; "
                               f"one of {', '.join(TRIPLET_STRATEGIES)}")
         out["classification"] = TaggingCrossEntropy(mask_ratio=mask_ratio)
-        out["embedding"] = EmbeddingTripletLoss(margin=float(setting("triplet_margin")), strategy=strategy)
+        out["embedding"] = EmbeddingTripletLoss(margin=float(setting("triplet_margin")), strategy=strategy,
+                                                normalize=bool(setting("triplet_normalize")))
         out["loss_weights"]["embedding"] = float(setting("triplet_weight"))
     return out

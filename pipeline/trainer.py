@@ -369,6 +369,7 @@ def compile_losses(spec: dict, n_classes: int, class_counts=None):
         return made["classification"], None
     strategy = made["embedding"].strategy
     embedding = EmbeddingTripletLoss(margin=made["embedding"].margin, strategy=strategy, with_sources=True,
+                                     normalize=made["embedding"].normalize,
                                      with_negatives=strategy == "paper")
     weights = made["loss_weights"]
     return ({PROBS_OUTPUT: made["classification"], EMBEDDING_OUTPUT: embedding},

@@ -421,3 +421,14 @@ def test_make_losses_refusals(cfg, message):
     with pytest.raises(ConfigError, match=message) as err:
         make_losses(cfg, n_classes=3)
     assert "\n" not in str(err.value)
+
+
+def test_normalised_triplet_loss_ignores_the_embedding_scale():
+    labels = np.array([0, 0, 1, 1], dtype="float32")[:, None]
+    emb = np.array([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]], dtype="float32")  # classes interleaved
+    loss = EmbeddingTripletLoss(margin=0.2, strategy="batch_hard", normalize=True)
+    small, big = float(loss(labels, emb)), float(loss(labels, 50.0 * emb))
+    assert small == pytest.approx(big, rel=1e-5)
+    raw = EmbeddingTripletLoss(margin=0.2, strategy="batch_hard")
+    assert float(raw(labels, 50.0 * emb)) != pytest.approx(float(raw(labels, emb)))
+    assert EmbeddingTripletLoss.from_config(loss.get_config()).normalize
