@@ -56,15 +56,19 @@ class FeatureExtraction(Section):
 Dtype = Literal["float16", "float32"]
 
 
-class _FrameFeature(Section):
-    """Settings every framed spectral feature shares."""
+class _HopFeature(Section):
+    """Settings every framed time-frequency feature shares."""
     kind: str
     sr: int = Field(16000, ge=1)
     """sample rate the audio is resampled to (Hz)"""
-    n_fft: int = Field(1024, ge=16)
-    """FFT size (samples)"""
     hop_length: int = Field(256, ge=1)
     """hop between frames (samples)"""
+
+
+class _FrameFeature(_HopFeature):
+    """An STFT-based feature: its FFT size too."""
+    n_fft: int = Field(1024, ge=16)
+    """FFT size (samples)"""
 
 
 class LogmelFeature(_FrameFeature):
@@ -111,13 +115,10 @@ class VggishFeature(Section):
     kind: Literal["vggish"] = "vggish"
 
 
-class CqtFeature(Section):
-    """Constant-Q log-magnitude spectrogram (librosa.cqt, dB), (T, n_bins)."""
+class CqtFeature(_HopFeature):
+    """Constant-Q log-magnitude spectrogram (librosa.cqt, dB), (T, n_bins); hop_length must be a multiple of
+    2^(octaves - 1), octaves = ceil(n_bins / bins_per_octave)."""
     kind: Literal["cqt"] = "cqt"
-    sr: int = Field(16000, ge=1)
-    """sample rate the audio is resampled to (Hz)"""
-    hop_length: int = Field(256, ge=1)
-    """hop between frames (samples; a multiple of 2^(octaves - 1), octaves = ceil(n_bins / bins_per_octave))"""
     n_bins: int = Field(84, ge=1)
     """frequency bins (84 at 12 per octave: 7 octaves, C1 to B7)"""
     bins_per_octave: int = Field(12, ge=1)
@@ -148,15 +149,11 @@ class CqtFeature(Section):
         return self
 
 
-class GammatoneFeature(Section):
+class GammatoneFeature(_HopFeature):
     """Gammatone log-power spectrogram (dB), (T, n_bands): ERB-spaced 4th-order IIR gammatone filters."""
     kind: Literal["gammatone"] = "gammatone"
-    sr: int = Field(16000, ge=1)
-    """sample rate the audio is resampled to (Hz)"""
     win_length: int = Field(1024, ge=2)
     """frame over which each band's power is averaged (samples)"""
-    hop_length: int = Field(256, ge=1)
-    """hop between frames (samples)"""
     n_bands: int = Field(64, ge=1)
     """gammatone filters (bands)"""
     fmin: float = Field(50.0, gt=0)
