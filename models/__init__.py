@@ -19,6 +19,7 @@ _MODULES = {
     "mla": "models.mla",
     "xception_ms": "models.xception_ms",
     "factorized_cnn": "models.factorized_cnn",
+    "mini_segnet": "models.mini_segnet",
 }
 
 
