@@ -17,9 +17,8 @@ import numpy as np
 from keras import ops
 
 from pipeline.config import ConfigError, training_settings
+from pipeline.predictions import EPS  # the one probability floor: log(clip(p, EPS, 1)) in the losses too
 
-#: probability floor of the classification losses: log(clip(p, EPS, 1)), as the CE always had
-EPS = 1e-7
 
 # The loss settings of a training section and their defaults (the papers' values).
 LOSS_NAMES = ("crossentropy", "focal", "triplet")
