@@ -412,6 +412,8 @@ def _default_models() -> dict:
                            "train": {"loss": "triplet", "mixup_alpha": 0.0,
                                      "spec_augment": {"time_masks": 1, "time_width": 8, "freq_masks": 1,
                                                       "freq_width": 6}}},
+        # issue 13, in progress: not in run.models yet (add it with --set run.models=[...,mini_segnet])
+        "mini_segnet": {"feature": "logmel", "window": 64, "params": {"width": 0.5}},
         "stats_lgbm": {"features": ["mfcc", "logmel"], "window": 0},
         "stats_lr": {"features": ["mfcc", "logmel"], "window": 0},
     }

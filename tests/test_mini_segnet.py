@@ -148,7 +148,7 @@ def test_registry_and_defaults_without_keras():
                          text=True, env={"PYTHONPATH": str(root), "PATH": ""}, timeout=60)
     assert out.returncode == 0, out.stderr
     assert models.builder_defaults("mini_segnet") == dict(
-        width=1.0, kernel_size=[2, 3], pool_size=[2, 3], norm="mixup", mixup_lambda=0.1,
+        width=1.0, kernel_size=[2, 3], pool_size=[2, 3], norm="mixup", decoder_norm="batch", mixup_lambda=0.1,
         pooling="event", top_k=4, dense_units=512, dropout=0.3, embedding_output=False)
 
 
@@ -159,7 +159,10 @@ def test_paper_size_structure_and_parameters():
     assert _count(m, r"dec_.*", conv) == 2
     assert [layer.filters for layer in m.layers if isinstance(layer, conv)] == [64, 128, 128, 128, 64]
     assert all(layer.kernel_size == (2, 3) for layer in m.layers if isinstance(layer, conv))
-    assert _count(m, r".*", MixupNorm) == 3  # enc_1 and both decoder stages
+    assert _count(m, r".*", MixupNorm) == 1  # enc_1 (the decoder's norm is BN by default: see decoder_norm)
+    assert _count(m, r"dec_\d_norm", keras.layers.BatchNormalization) == 2
+    paper = models.build_model("mini_segnet", (400, 256, 3), 18, decoder_norm="mixup")
+    assert _count(paper, r".*", MixupNorm) == 3  # the paper's: enc_1 and both decoder stages
     assert _count(m, r"enc_2_bn\d", keras.layers.BatchNormalization) == 2
     assert _count(m, r".*", keras.layers.MaxPooling2D) == 2
     assert _count(m, r".*", keras.layers.UpSampling2D) == 2
@@ -167,8 +170,8 @@ def test_paper_size_structure_and_parameters():
     assert m.get_layer("dec_2_relu").output.shape[1:] == (400, 256, 64)  # back to the input
     assert m.get_layer("pooled").output.shape[1:] == (64 + 4,)
     assert len([layer for layer in m.layers if isinstance(layer, keras.layers.Dense)]) == 2
-    assert m.count_params() == 341_906
-    assert models.build_model("mini_segnet", (64, 48, 3), 18).count_params() == 341_906
+    assert m.count_params() == 342_482
+    assert models.build_model("mini_segnet", (64, 48, 3), 18).count_params() == 342_482
     assert m.output_shape == (None, 18)
 
 
@@ -210,7 +213,7 @@ def test_save_and_load_round_trip(tmp_path):
     m.save(path)
     loaded = models.load_model(path, compile=False)
     assert loaded.output_names == ["predictions", "embedding"]
-    assert loaded.get_layer("dec_1_norm").lam == pytest.approx(0.1)
+    assert loaded.get_layer("enc_1_norm").lam == pytest.approx(0.1)
     x = _x(2, (21, 13, 3))
     for a, b in zip(m(x, training=False), loaded(x, training=False)):
         np.testing.assert_array_equal(_np(a), _np(b))
