@@ -306,3 +306,18 @@ def make_zenodo_layout(root, n_classes: int = 3, clips_per_class: int = 4, n_tes
                [[f, tiny.test_labels[f], usage[f], 5000 + i, "Creative Commons 0"] for i, f in enumerate(scored)])
     return ZenodoDataset(root=root, classes=tiny.classes, train=tiny.train, test_fnames=scored,
                          test_labels={f: tiny.test_labels[f] for f in scored}, usage=usage, padding=padding)
+
+
+def assert_defaults_read_without_keras(*names: str) -> None:
+    """``models.builder_defaults`` of these builders, in a fresh interpreter, imports neither Keras nor TF."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys, models\n"
+            f"for name in {list(names)!r}:\n"
+            "    models.builder_defaults(name)\n"
+            "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(root), "PATH": ""}, timeout=60)
+    assert out.returncode == 0, out.stderr

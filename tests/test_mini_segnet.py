@@ -8,9 +8,6 @@ forward passes and the training step use tiny inputs and ``width=0.125``.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +15,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 import models  # noqa: E402
+from helpers import assert_defaults_read_without_keras  # noqa: E402
 from models.mini_segnet import CropTo, EventExtraction, MixupNorm  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
@@ -137,16 +135,7 @@ def test_crop_to():
 def test_registry_and_defaults_without_keras():
     assert "mini_segnet" in models.BUILDERS
     assert models.embedding_capable("mini_segnet")
-    code = (
-        "import sys, models\n"
-        "d = models.builder_defaults('mini_segnet')\n"
-        "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules\n"
-        "print(sorted(d.items()))\n"
-    )
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
-                         text=True, env={"PYTHONPATH": str(root), "PATH": ""}, timeout=60)
-    assert out.returncode == 0, out.stderr
+    assert_defaults_read_without_keras("mini_segnet")
     assert models.builder_defaults("mini_segnet") == dict(
         width=1.0, kernel_size=[2, 3], pool_size=[2, 3], norm="mixup", decoder_norm="batch", mixup_lambda=0.1,
         pooling="event", top_k=4, dense_units=512, dropout=0.3, embedding_output=False)

@@ -10,9 +10,6 @@ costs 5-10 s).
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +17,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 import models  # noqa: E402
+from helpers import assert_defaults_read_without_keras  # noqa: E402
 from models.factorized_cnn import band_starts  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
@@ -67,17 +65,7 @@ def test_registry_embedding_capable_and_defaults_without_keras():
         assert not models.embedding_capable(name)
     with pytest.raises(ValueError, match="unknown model"):
         models.embedding_capable("nope")
-    code = (
-        "import sys, models\n"
-        "x = models.builder_defaults('xception_ms')\n"
-        "f = models.builder_defaults('factorized_cnn')\n"
-        "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules\n"
-        "print(sorted(x.items()), sorted(f.items()))\n"
-    )
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
-                         text=True, env={"PYTHONPATH": str(root), "PATH": ""}, timeout=60)
-    assert out.returncode == 0, out.stderr
+    assert_defaults_read_without_keras("xception_ms", "factorized_cnn")
     assert models.builder_defaults("xception_ms") == dict(
         width=1.0, middle_blocks=8, dropout=0.5, multi_scale=True, embedding_output=False)
     assert models.builder_defaults("factorized_cnn") == dict(
