@@ -7,6 +7,7 @@ order; clips with unusable audio get the training class prior.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
@@ -60,3 +61,17 @@ def read_table(path: Path, classes: Sequence[str] | None = None) -> pd.DataFrame
 
 def class_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c not in ("fname", "fold")]
+
+
+def as_written(probs: np.ndarray) -> np.ndarray:
+    """``probs`` as a prediction table holds them: what :func:`read_table` reads
+    back after :func:`write_table` wrote them (6 significant digits, parsed by
+    pandas). The pipeline's later steps read the tables, not the arrays that
+    were written (the folds' test tables are combined, the stacker reads the
+    models' tables), so code that must give their numbers for new clips
+    (:mod:`pipeline.tagger`) passes its arrays through this at the same points."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2:
+        raise ValueError(f"expected a (rows, classes) matrix, got shape {probs.shape}")
+    text = pd.DataFrame(probs).to_csv(index=False, float_format="%.6g")
+    return pd.read_csv(io.StringIO(text)).to_numpy(dtype=np.float64).reshape(probs.shape)

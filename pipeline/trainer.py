@@ -492,3 +492,12 @@ def fold_fingerprint(spec: dict, store_key: str, labels_hash: str, folds_hash: s
     clips' audio identity, the class list and the test clips in order)."""
     return param_hash({"spec": spec, "feature": store_key, "labels": labels_hash, "folds": folds_hash,
                        "seed": seed, "data": data_hash, "backend": keras.backend.backend()}, 16)
+
+
+def eval_window_hop(spec: dict) -> tuple[int, int]:
+    """(window, hop) of a network's clip-level prediction, as :func:`train_fold`
+    slides them over held-out and test clips: the model's ``window`` and
+    ``eval_hop_fraction`` x window (at least 1)."""
+    spec = model_settings(spec)
+    window = int(spec["window"])
+    return window, max(1, int(round(window * float(spec["train"]["eval_hop_fraction"]))))

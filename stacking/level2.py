@@ -6,6 +6,7 @@ its settings and their docs are :class:`pipeline.settings.Stacking`.
 """
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from pipeline.dataset import load_dataset
 from pipeline.predictions import probs_frame, write_table
 from pipeline.submission import write_submission
 from pipeline.fingerprints import content_hash, param_hash, table_hash
-from pipeline.workdir import WorkDir, atomic_write_csv, atomic_write_json, read_json, remove_outputs
+from pipeline.workdir import (WorkDir, atomic_write_bytes, atomic_write_csv, atomic_write_json, read_json,
+                              remove_outputs)
 from stacking.base import Level2Estimator, Level2Layout
 from stacking.evaluate import evaluate, label_indices_for_test
 from stacking.features import mfcc_statistic_names, mfcc_statistics
@@ -127,9 +129,54 @@ def input_fingerprint(cfg: dict, settings: dict, models: list[str], dataset, wor
     return {"settings": param_hash(resolved), "files": files, "mfcc": mfcc, "data": data}
 
 
+#: what :func:`save_final_learner` writes; bump when its record changes shape (readers check it)
+FINAL_LEARNER_FORMAT = 1
+
+
+def final_learner_path(work: WorkDir) -> Path:
+    """``<work>/stacking/final_learner.joblib``: the final entry as the stage fit it (see :func:`save_final_learner`)."""
+    return work.stacking_dir / "final_learner.joblib"
+
+
+def save_final_learner(work: WorkDir, final: str, kind: str, learner, models: list[str], classes: list[str],
+                       prior, mfcc: FeatureStore | None, fingerprint: dict) -> Path:
+    """Persist the final entry so new clips can be tagged exactly as the test set was
+    (:mod:`pipeline.tagger`): the learner fit on all OOF rows (None when the final
+    entry is a single model), the stacked models in the level-2 column order, the
+    classes, the training class prior (the row a level-1 table gives an unusable
+    clip), the MFCC cache the learner's extra columns come from (None: no extra
+    columns), and the stage's input fingerprint (the one in summary.json), so a
+    reader can tell that the record belongs to the current stack."""
+    import joblib
+    record = {"format": FINAL_LEARNER_FORMAT, "final": final, "kind": kind, "learner": learner,
+              "models": list(models), "classes": list(classes), "prior": [float(v) for v in prior],
+              "mfcc": None if mfcc is None else {"name": mfcc.name, "key": mfcc.key},
+              "fingerprint": fingerprint}
+    buf = io.BytesIO()
+    joblib.dump(record, buf)
+    path = final_learner_path(work)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def load_final_learner(path: Path) -> dict:
+    """The record :func:`save_final_learner` wrote (FileNotFoundError naming the stage when absent)."""
+    import joblib
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `python -m stacking.stack` first (a stack made before "
+                                "the final learner was saved is redone by it)")
+    record = joblib.load(path)
+    if not isinstance(record, dict) or record.get("format") != FINAL_LEARNER_FORMAT:
+        raise FileNotFoundError(f"{path} was written by another version of the stacking stage: rerun "
+                                "`python -m stacking.stack`")
+    return record
+
+
 def _outputs(work: WorkDir, names: list[str], learners: list[str]) -> list[Path]:
     d = work.stacking_dir
-    return ([d / "scores.csv", d / "final_test.csv", d / "summary.json", work.submission_csv]
+    return ([d / "scores.csv", d / "final_test.csv", d / "summary.json", work.submission_csv,
+             final_learner_path(work)]
             + [d / f"{n}_oof.csv" for n in learners] + [d / "submissions" / f"{n}.csv" for n in names])
 
 
@@ -200,7 +247,7 @@ def run_stacking(cfg: dict, data_dir, work: WorkDir) -> dict:
         print(work.submission_csv)
         return {**done, "skipped": True}
     # the answer of the previous inputs must not outlive a failure below
-    remove_outputs(work.final_outputs(), "their stacking inputs changed", log)
+    remove_outputs(work.final_outputs() + [final_learner_path(work)], "their stacking inputs changed", log)
     inputs = load_level2_inputs(work, models, classes=dataset.classes, test_fnames=dataset.test_fnames,
                                 unverified_weight=settings["unverified_weight"])
     log.info("stacking %d model(s) %s on %d clips (%d verified), %d folds, %d classes; learners: %s",
@@ -230,6 +277,8 @@ def run_stacking(cfg: dict, data_dir, work: WorkDir) -> dict:
         write_submission(d / "submissions" / f"{name}.csv", inputs.test_fnames, proba, inputs.classes)
     write_table(probs_frame(inputs.test_fnames, ev.test[final], inputs.classes), d / "final_test.csv")
     write_submission(work.submission_csv, inputs.test_fnames, ev.test[final], inputs.classes)
+    save_final_learner(work, final, ev.kinds[final], ev.fitted.get(final), models, inputs.classes,
+                       dataset.class_prior(), store, fingerprint)
 
     row = ev.scores.set_index("name").loc[final]
     summary = {
