@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-#: modules that are run as stages: run_all.sh's, plus the embeddings stage (its own documented command)
-EXTRA_STAGES = {"pipeline.embeddings"}
+#: modules that are run as stages: run_all.sh's, plus the documented commands run on their own
+#: (the embeddings stage; tagging new audio and exporting a tagger, which read a finished run)
+EXTRA_STAGES = {"pipeline.embeddings", "pipeline.predict", "pipeline.export"}
 
 
 def stage_modules() -> set[str]:
@@ -56,7 +57,7 @@ def library_modules() -> list[str]:
 def test_the_stage_list_is_what_run_all_runs():
     stages = stage_modules()
     assert {"pipeline.features", "pipeline.folds", "pipeline.pseudo_label", "pipeline.train", "stacking.stack",
-            "pipeline.report", "pipeline.summary", "pipeline.embeddings"} <= stages
+            "pipeline.report", "pipeline.summary", "pipeline.embeddings", "pipeline.predict", "pipeline.export"} <= stages
     for name in stages:
         assert module_path(name).is_file(), name
 
