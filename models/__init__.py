@@ -20,6 +20,7 @@ _MODULES = {
     "xception_ms": "models.xception_ms",
     "factorized_cnn": "models.factorized_cnn",
     "mini_segnet": "models.mini_segnet",
+    "hierarchical": "models.hierarchical",
 }
 
 

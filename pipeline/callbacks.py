@@ -100,6 +100,21 @@ def walk_layers(model):
         yield from visit(layer, "")
 
 
+def renew_model(model, template, lr: float) -> None:
+    """Make a compiled ``model`` start like a freshly built and compiled copy of
+    ``template`` (same architecture): its weights and dropout RNG states, and
+    a zeroed optimizer state (what a new Adam starts from) at learning rate
+    ``lr``. Lets a compiled train step be reused instead of traced again."""
+    model.set_weights(template.get_weights())
+    theirs = rng_states(template)
+    for key, v in rng_states(model).items():  # the dropout RNGs start where a new model's would
+        v.assign(theirs[key].value)
+    if model.optimizer.built:
+        for v in model.optimizer.variables:  # zeros by shape and dtype (zeros_like(variable) fails under JAX)
+            v.assign(keras.ops.zeros(v.shape, dtype=v.dtype))
+    model.optimizer.learning_rate.assign(float(lr))  # zeroed with the rest
+
+
 def rng_states(model) -> dict:
     """Stable key -> the state variable of every random-number generator
     (``keras.random.SeedGenerator``: Dropout, noise layers, ...). A layer's

@@ -1,5 +1,8 @@
-"""128-d embeddings of every 0.96 s patch from the fine-tuned VGGish
-extractors, the input of models with ``embeddings_from: <model>`` (``mla``).
+"""Per-fold embeddings of every clip patch from a trained source model's fold
+extractors: the 128-d ``fc2`` output of the fine-tuned VGGish (for ``mla``,
+``embeddings_from: vggish``), or any other network's penultimate layer (for
+``hierarchical``, whose ``hierarchy.sources`` are ``cnn_ref`` on log-mel,
+gammatone and CQT).
 
 ``python -m pipeline.embeddings --config quick --data DIR --work DIR [--source vggish]``
 
@@ -17,9 +20,9 @@ trained on a mix of spaces and scored in another one measured chance-level
 MAP@3 on fsdd (0.199 for 10 classes). The per-fold test predictions are
 combined by the trainer's usual geometric mean over folds.
 
-A clip of T VGGish frames gives ``max(1, T // 96)`` complete, non-overlapping
-patches (the reference keeps complete examples only; the vggish feature
-repeats a clip shorter than one patch, so every clip has at least one). Each
+A clip of T frames gives ``max(1, T // window)`` complete, non-overlapping
+patches of the source model's window (VGGish: 96 frames; the reference keeps
+complete examples only; a clip shorter than one patch is repeated to one). Each
 patch is normalised as the extractor was trained (the source model's
 ``normalize``) and embedded in large batches across clips. The embedding is
 the pre-activation ``fc2`` output, as in the reference.
@@ -60,6 +63,9 @@ from pipeline.workdir import WorkDir, atomic_write_json, read_json
 
 log = logging.getLogger("embeddings")
 
+#: the Dense layer of every builder's softmax head (models/_common.py softmax_head): its input is the penultimate layer
+HEAD_LAYER = "predictions_dense"
+
 #: Bump when the way embeddings are computed changes, so old folders are not reused.
 EMBEDDINGS_VERSION = 2
 
@@ -74,7 +80,7 @@ class EmbeddingStore(FeatureStore):
         spec = {"kind": "embeddings", "source": source, "fingerprints": list(fingerprints),
                 "source_feature": source_store.name, "source_feature_key": source_store.key,
                 "patch": int(source_spec["window"]), "normalize": bool(source_spec["normalize"]),
-                "version": EMBEDDINGS_VERSION}
+                "extractor": extractor_kind(source_spec), "version": EMBEDDINGS_VERSION}
         super().__init__(work, f"embeddings-{source}", spec, audio_cfg)
         self.source = source
         self.source_spec = source_spec
@@ -124,12 +130,34 @@ def clip_patches(arr: np.ndarray, patch: int = VGGISH_PATCH) -> np.ndarray:
 
 
 def load_extractor(work: WorkDir, source: str, fold: int):
-    """Fold ``fold``'s fine-tuned extractor: the ``vggish`` sub-model of its best classifier."""
+    """Fold ``fold``'s fine-tuned extractor: the ``vggish`` sub-model of a VGGish
+    classifier (its ``fc2`` embedding), else the classifier up to its penultimate
+    layer (what the softmax head reads: the 256-d vector of the hierarchical
+    paper's VGG-like extractor is ``cnn_ref``'s pooled features)."""
     from models import load_model
     path = work.fold_dir(source, fold) / "best.keras"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run `python -m pipeline.train --model {source}` first")
-    return load_model(path, compile=False).get_layer("vggish")
+    model = load_model(path, compile=False)
+    return extractor_of(model)
+
+
+def extractor_of(model):
+    """The embedding sub-model of a trained classifier (see :func:`load_extractor`)."""
+    import keras
+    names = {layer.name for layer in model.layers}
+    if "vggish" in names:
+        return model.get_layer("vggish")
+    head = HEAD_LAYER
+    if head not in names:
+        raise ValueError(f"model {model.name!r} has no {head!r} layer (the softmax head of models/_common.py), so "
+                         "it has no penultimate layer to embed clips with")
+    return keras.Model(model.inputs, model.get_layer(head).input, name=f"{model.name}_embedding")
+
+
+def extractor_kind(source_spec: dict) -> str:
+    """Which layer a source model's embeddings come from (part of the store's key)."""
+    return "vggish" if source_spec["builder"] == "vggish" else "penultimate"
 
 
 def embed_arrays(extractor, arrays: list[np.ndarray], normalizer, patch: int = VGGISH_PATCH,
@@ -283,10 +311,12 @@ def _dim(store: EmbeddingStore) -> int:
 
 
 def default_sources(cfg: dict) -> list[str]:
-    """Every ``embeddings_from`` of the preset's run.models (``vggish`` if none)."""
+    """Every ``embeddings_from`` and ``hierarchy.sources`` of the preset's run.models (``vggish`` if none)."""
     out = []
     for m in cfg["run"]["models"]:
-        src = cfg["models"][m]["embeddings_from"]
-        if src and src not in out:
-            out.append(src)
+        spec = cfg["models"][m]
+        for src in ([spec["embeddings_from"]] if spec["embeddings_from"] else []) + \
+                list((spec.get("hierarchy") or {}).get("sources") or []):
+            if src not in out:
+                out.append(src)
     return out or ["vggish"]

@@ -1,5 +1,5 @@
-"""Stage: 128-d embeddings of every 0.96 s patch from the fine-tuned VGGish
-extractors, the input of models with ``embeddings_from: <model>`` (``mla``).
+"""Stage: per-fold embeddings of every clip patch from a trained model's fold
+extractors, the input of ``mla`` (VGGish's) and ``hierarchical`` (its sources').
 
 ``python -m pipeline.embeddings --config quick --data DIR --work DIR [--source vggish]``
 
@@ -17,8 +17,8 @@ def main(argv=None):
     def extra(p):
         p.add_argument("--source", action="append", default=None,
                        help="model whose fine-tuned extractors embed the clips (repeatable; default: every "
-                            "embeddings_from of run.models, else vggish)")
-    args, cfg, work = start_stage("Embed every 0.96 s patch with the fine-tuned extractors.", "embeddings", argv,
+                            "embeddings_from and hierarchy.sources of run.models, else vggish)")
+    args, cfg, work = start_stage("Embed every clip patch with the trained fold extractors.", "embeddings", argv,
                                   extra)
     dataset = load_dataset(args.data)
     for source in args.source or default_sources(cfg):

@@ -22,6 +22,7 @@ from pipeline.clips import usable_rows
 from pipeline.config import model_config, verifier_config
 from pipeline.dataset import Dataset, load_dataset
 from pipeline.fingerprints import clips_hash, file_identity
+from pipeline.hierarchical import check_meta_classes
 from pipeline.spectral import compute_feature
 from pipeline.workdir import WorkDir, atomic_write_csv
 
@@ -156,6 +157,7 @@ def clip_table(dataset: Dataset, stores: dict[str, FeatureStore]) -> pd.DataFram
 
 def run_features(cfg: dict, data_dir, work: WorkDir, progress: bool = True) -> pd.DataFrame:
     dataset = load_dataset(data_dir)
+    check_meta_classes(cfg, dataset.classes)  # a bad grouping is refused now, not after the training of other models
     names = needed_features(cfg)
     stores = feature_stores(work, cfg, names)
     for store in stores.values():

@@ -18,6 +18,8 @@ from pipeline.config import model_config
 from pipeline.dataset import load_dataset
 from pipeline.fingerprints import data_hash, param_hash, table_hash
 from pipeline.handcrafted import handcrafted_features, is_handcrafted, train_handcrafted_fold
+from pipeline.hierarchical import (check_meta_classes, fold_meta_classes, is_hierarchical, source_stores,
+                                   stores_key, train_hierarchical_fold)
 from pipeline.cv import current_folds, inner_split
 from pipeline.labels import training_labels
 from pipeline.metrics import accuracy, map_at_3, scope_text
@@ -80,6 +82,11 @@ def fold_inputs(cfg: dict, work: WorkDir, spec: dict, store_key: str, folds: pd.
     return FoldInputs(labels, good_test, bad_test, fp)
 
 
+def check_run(cfg: dict, data_dir) -> None:
+    """Settings that need the dataset to be checked (a configured meta-class grouping), before any training."""
+    check_meta_classes(cfg, load_dataset(data_dir).classes)
+
+
 def train_model(cfg: dict, data_dir, work: WorkDir, model: str, progress: bool = True) -> dict:
     """Train all folds of one model (skipping finished ones) and write its tables."""
     spec = model_config(cfg, model)
@@ -88,9 +95,14 @@ def train_model(cfg: dict, data_dir, work: WorkDir, model: str, progress: bool =
     cidx = dataset.class_index
     folds = current_folds(cfg, dataset, work)
     handcrafted = is_handcrafted(spec)
+    hierarchical = is_hierarchical(spec)
+    whole_clips = handcrafted or hierarchical  # one row per clip, no windows, no early stopping
     if handcrafted:  # statistics of cached features into scikit-learn / LightGBM: no Keras, no windows
         stores = feature_stores(work, cfg, handcrafted_features(spec))
         store_key = param_hash({n: st.key for n, st in stores.items()}, 16)
+    elif hierarchical:  # DNNs on each source's per-fold clip embeddings
+        stores = source_stores(cfg, work, spec, dataset)
+        store_key = stores_key(stores)
     else:
         store = model_input(cfg, work, spec, dataset)
         store_key = store.key
@@ -120,18 +132,23 @@ def train_model(cfg: dict, data_dir, work: WorkDir, model: str, progress: bool =
             continue
         held = folds["fold"] == k
         held_fnames = folds.loc[held, "fname"].tolist()
-        if handcrafted:  # no epochs, nothing to stop early: fit on every other fold's clip
+        if whole_clips:  # nothing to stop early: fit on every other fold's clip
             tr, stop_fnames, stop_labels = labels[~held.to_numpy()], [], None
         else:
             tr, stop_fnames, stop_labels = early_stopping_rows(labels, folds, k, cidx, tcfg, seed)
-        train_split = "train" if handcrafted else store.train_split(k)  # per-fold for embeddings
+        train_split = "train" if whole_clips else store.train_split(k)  # per-fold for embeddings
         rows = TrainRows(fnames=tr["fname"].tolist(), labels=tr["label"].map(cidx).to_numpy(),
                          epsilon=tr["epsilon"].to_numpy(dtype=np.float32), verified=tr["verified"].to_numpy(),
                          split=train_split)
         log.info("%s fold %d (of folds 0-%d): training on %d clips, early stopping on %d (%s), predicting %d "
                  "held-out", model, k, n_folds - 1, len(rows.fnames), len(stop_fnames),
-                 "none" if handcrafted else tcfg["early_stopping_split"], len(held_fnames))
-        if handcrafted:
+                 "none" if whole_clips else tcfg["early_stopping_split"], len(held_fnames))
+        if hierarchical:
+            result = train_hierarchical_fold(spec, stores, rows, held_fnames,
+                                             folds.loc[held, "label"].map(cidx).to_numpy(), good_test, len(classes),
+                                             fold_dir, seed, k, fold_meta_classes(spec, work, folds, k, classes),
+                                             fingerprint=fp, model_cache=model_cache)
+        elif handcrafted:
             result = train_handcrafted_fold(spec, stores, rows, held_fnames,
                                             folds.loc[held, "label"].map(cidx).to_numpy(), good_test,
                                             len(classes), fold_dir, seed, k, fingerprint=fp)

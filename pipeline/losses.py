@@ -4,6 +4,8 @@
 - :class:`TaggingFocalLoss`: the multi-class focal loss (DCASE 2018 Task 1, multi-scale Xception).
 - :func:`triplet_loss` / :class:`EmbeddingTripletLoss`: the triplet loss on an embedding (DCASE 2019
   Task 1, large-margin factorized CNN: CE + gamma x triplet).
+- :class:`HierarchicalLoss`: gamma x KL + (1 - gamma) x a triplet in the output space, on the meta-class and the
+  within-meta-class distributions of a two-level classifier (hierarchical scene classification seed system).
 - :func:`make_losses`: what a trainer needs for ``training.loss``.
 
 Both classification losses share the batch-wise loss masking of :class:`_MaskedRowLoss`.
@@ -317,6 +319,74 @@ class EmbeddingTripletLoss(keras.losses.Loss):
 
 
 # --------------------------------------------------------------------------- factory
+
+# --------------------------------------------------------------------------- the two-level classifier's loss
+
+def kl_divergence_rows(targets, probs):
+    """Per-row KL(targets || probs), with the probability floor EPS on both sides."""
+    t = ops.clip(targets, EPS, 1.0)
+    return ops.sum(targets * (ops.log(t) - ops.log(ops.clip(probs, EPS, 1.0))), axis=-1)
+
+
+def output_triplet_rows(anchors, positives, negatives_from, valid, margin: float):
+    """Per anchor row i: the mean over valid j of max(0, |a_i - p_i|^2 - |a_i - q_j|^2 + margin), q = negatives_from
+    (0 for a row with no valid j). The triplet of the hierarchical paper taken in the output space: anchor = a
+    sample's target distribution, positive = its prediction, negative = the prediction for a sample of another
+    class; every such sample in the batch is a negative (the paper does not say how one is picked)."""
+    d_pos = ops.sum(ops.square(anchors - positives), axis=-1)
+    sq_a = ops.sum(ops.square(anchors), axis=-1)
+    sq_q = ops.sum(ops.square(negatives_from), axis=-1)
+    d_neg = ops.expand_dims(sq_a, 1) - 2.0 * ops.matmul(anchors, ops.transpose(negatives_from)) + \
+        ops.expand_dims(sq_q, 0)
+    valid = ops.cast(valid, d_pos.dtype)
+    hinge = ops.relu(ops.expand_dims(d_pos, 1) - d_neg + margin) * valid
+    return ops.sum(hinge, axis=1) / ops.maximum(ops.sum(valid, axis=1), 1.0)
+
+
+@keras.saving.register_keras_serializable(package="audio_tagging")
+class HierarchicalLoss(keras.losses.Loss):
+    """gamma x KL + (1 - gamma) x output-space triplet, for the meta-class DNN and each meta-class's inner DNN of
+    ``models.hierarchical`` (whose output is the composed P(class)).
+
+    From the composed prediction p and the soft target t (both (N, C)), with G the class-to-meta membership:
+    the meta level compares t @ G with p @ G (every row); the inner level compares, for row i of meta-class m
+    (the argmax of t @ G), t and p restricted to m's classes and renormalised -- which is exactly the inner DNN's
+    softmax, so each inner DNN learns only from its own meta-class's rows, as when trained alone. Negatives: rows
+    of another meta-class (meta level), rows of the same meta-class and another class (inner level). The row
+    loss is the sum of both levels; Keras averages it over the batch (a per-DNN constant factor against separate
+    training, which Adam's per-weight scaling absorbs)."""
+
+    def __init__(self, groups, gamma: float = 0.2, margin: float = 0.3, **kwargs):
+        super().__init__(**kwargs)
+        self.groups = [[int(c) for c in g] for g in groups]
+        self.gamma = float(gamma)
+        self.margin = float(margin)
+        n_classes = sum(len(g) for g in self.groups)
+        member = np.zeros((n_classes, len(self.groups)), dtype="float32")
+        for m, g in enumerate(self.groups):
+            member[g, m] = 1.0
+        self._member = member
+
+    def call(self, y_true, y_pred):
+        t = ops.cast(y_true, "float32")
+        p = ops.cast(y_pred, "float32")
+        member = ops.convert_to_tensor(self._member)
+        t_meta, p_meta = ops.matmul(t, member), ops.matmul(p, member)
+        meta_id = ops.argmax(t_meta, axis=-1)
+        class_id = ops.argmax(t, axis=-1)
+        same_meta = ops.equal(ops.expand_dims(meta_id, 1), ops.expand_dims(meta_id, 0))
+        other_class = ops.not_equal(ops.expand_dims(class_id, 1), ops.expand_dims(class_id, 0))
+        in_meta = ops.matmul(ops.one_hot(meta_id, len(self.groups)), ops.transpose(member))  # (N, C) 0/1
+        t_in = t * in_meta / ops.maximum(ops.sum(t * in_meta, axis=-1, keepdims=True), EPS)
+        p_in = p * in_meta / ops.maximum(ops.sum(p * in_meta, axis=-1, keepdims=True), EPS)
+        kl = kl_divergence_rows(t_meta, p_meta) + kl_divergence_rows(t_in, p_in)
+        triplet = (output_triplet_rows(t_meta, p_meta, p_meta, ops.logical_not(same_meta), self.margin)
+                   + output_triplet_rows(t_in, p_in, p_in, ops.logical_and(same_meta, other_class), self.margin))
+        return self.gamma * kl + (1.0 - self.gamma) * triplet
+
+    def get_config(self):
+        return {**super().get_config(), "groups": self.groups, "gamma": self.gamma, "margin": self.margin}
+
 
 def make_losses(train_cfg: dict, n_classes: int, class_counts=None) -> dict:
     """What a trainer needs for ``train_cfg["loss"]`` (the settings, their defaults and docs:

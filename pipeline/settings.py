@@ -180,7 +180,8 @@ FEATURE_KINDS = {"logmel": LogmelFeature, "mfcc": MfccFeature, "wave": WaveFeatu
 
 
 def _default_features() -> dict:
-    return {"logmel": LogmelFeature(), "mfcc": MfccFeature(), "wave": WaveFeature(), "vggish": VggishFeature()}
+    return {"logmel": LogmelFeature(), "mfcc": MfccFeature(), "wave": WaveFeature(), "vggish": VggishFeature(),
+            "cqt": CqtFeature(), "gammatone": GammatoneFeature()}
 
 
 class Folds(Section):
@@ -341,6 +342,32 @@ class StatsLrParams(StatsParams):
 HANDCRAFTED_PARAMS = {"stats_lgbm": StatsLgbmParams, "stats_lr": StatsLrParams}
 
 
+class Hierarchy(Section):
+    """Two-level classification on frozen per-fold embeddings (builder: hierarchical; training: epochs, batch_size,
+    lr of its train section)."""
+    sources: list[str] = ["cnn_ref", "cnn_ref_gammatone", "cnn_ref_cqt"]
+    """models whose fold extractors embed the clips (penultimate layer, mean over windows); one classifier per
+    source, their posteriors summed (one source: that representation alone)"""
+    meta_classes: dict[str, list[str]] | None = None
+    """meta-class name -> its classes (each class exactly once); null: derived per fold by clustering the class
+    confusion of the sources' out-of-fold predictions"""
+    n_meta: int | None = Field(None, ge=1)
+    """derived meta-classes: how many (null: round(sqrt(classes)), 3 for 10 classes as the paper's scenes)"""
+    gamma: float = Field(0.2, ge=0, le=1)
+    """loss = gamma x KL + (1 - gamma) x triplet in the output space (paper: 0.2)"""
+    margin: float = Field(0.3, ge=0)
+    """triplet margin on squared Euclidean distances between distributions (paper: 0.3)"""
+
+    _check_sources = field_validator("sources", mode="before")(lambda cls, v: _listify(v))
+
+    @field_validator("sources")
+    @classmethod
+    def _some_sources(cls, value):
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"must name one or more distinct models, got {value!r}")
+        return value
+
+
 class ModelSpec(Section):
     """One trainable model: a builder, its input, its hyperparameters and training overrides."""
     builder: str | None = None
@@ -359,6 +386,8 @@ class ModelSpec(Section):
     """the builder's hyperparameters (defaults: the builder's signature)"""
     train: dict[str, Any] = {}
     """training overrides (any training setting)"""
+    hierarchy: Hierarchy | None = None
+    """builder hierarchical only: its sources, meta-classes and loss (null: the defaults)"""
 
     _check_features = field_validator("features", mode="before")(lambda cls, v: _listify(v))
 
@@ -368,7 +397,9 @@ class ModelSpec(Section):
         return check_train_overrides(value, "train")
 
 
-TRAINER_SET_PARAM = "embedding_output"  # a builder parameter the trainer sets (from train.loss), never the user
+#: builder parameters the trainer sets, never the user
+TRAINER_SET_PARAMS = {"embedding_output": "set by the trainer from train.loss (triplet: on)",
+                      "groups": "set per fold from hierarchy.meta_classes or the derived meta-classes"}
 
 
 def _resolve_params(name: str, spec: dict) -> dict:
@@ -382,9 +413,10 @@ def _resolve_params(name: str, spec: dict) -> dict:
         known = sorted(models.BUILDERS) + sorted(HANDCRAFTED_PARAMS)
         raise ValueError(f"builder: unknown builder {builder!r}{closest(builder, known)}")
     defaults = models.builder_defaults(builder)
-    defaults.pop(TRAINER_SET_PARAM, None)
-    if TRAINER_SET_PARAM in params:
-        raise ValueError(f"params.{TRAINER_SET_PARAM}: set by the trainer from train.loss (triplet: on), not here")
+    for key, why in TRAINER_SET_PARAMS.items():
+        defaults.pop(key, None)
+        if key in params:
+            raise ValueError(f"params.{key}: {why}, not here")
     for key, value in params.items():
         if key not in defaults:
             raise ValueError(f"params.{key}: not a parameter of {builder}{closest(key, defaults)}")
@@ -416,6 +448,14 @@ def _default_models() -> dict:
         "mini_segnet": {"feature": "logmel", "window": 64, "params": {"width": 0.5}},
         "stats_lgbm": {"features": ["mfcc", "logmel"], "window": 0},
         "stats_lr": {"features": ["mfcc", "logmel"], "window": 0},
+        # the hierarchical model's extractors on the other two representations (cnn_ref on logmel is the third)
+        "cnn_ref_gammatone": {"builder": "cnn_ref", "feature": "gammatone", "window": 64,
+                              "params": {"filters": [16, 32, 64, 128], "dropout": 0.2}},
+        "cnn_ref_cqt": {"builder": "cnn_ref", "feature": "cqt", "window": 64,
+                        "params": {"filters": [16, 32, 64, 128], "dropout": 0.2}},
+        "hierarchical": {"normalize": True, "window": 0, "params": {"hidden": [128, 256, 256], "dropout": 0.3},
+                         "train": {"epochs": 60, "batch_size": 100, "lr": 1.0e-3},
+                         "hierarchy": {}},
     }
 
 
@@ -489,7 +529,7 @@ class PseudoLabel(Section):
 
 class Run(Section):
     models: list[str] = ["stats_lgbm", "stats_lr", "cnn_ref", "wave1d", "inception2d", "xception_ms",
-                         "factorized_cnn", "vggish", "mla"]
+                         "factorized_cnn", "vggish", "mla", "cnn_ref_gammatone", "cnn_ref_cqt", "hierarchical"]
     """models trained, in this order (a model on embeddings after its source); stats_*: handcrafted baselines"""
 
 
@@ -609,12 +649,21 @@ class Config(Section):
                         raise ValueError(f"{where}.train.loss: the triplet loss needs an embedding output, which "
                                          f"{spec.builder} has none of (builders with one: "
                                          f"{', '.join(n for n in models.BUILDERS if models.embedding_capable(n))})")
+                self._check_hierarchy(where, name, spec, everything)
                 if spec.embeddings_from and spec.embeddings_from not in everything:
                     raise ValueError(f"{where}.embeddings_from: {spec.embeddings_from!r} is not a model"
                                      f"{closest(spec.embeddings_from, everything)}")
         for name in self.run.models:
             if name not in self.models:
                 raise ValueError(f"run.models: {name!r} is not defined in models{closest(name, self.models)}")
+        for i, name in enumerate(self.run.models):
+            spec = self.models[name]
+            needs = list(spec.hierarchy.sources) if spec.hierarchy else []
+            needs += [spec.embeddings_from] if spec.embeddings_from else []
+            for src in needs:
+                if src not in self.run.models[:i]:
+                    raise ValueError(f"run.models: {name!r} reads the embeddings of {src!r}, which must be trained "
+                                     f"before it: list {src!r} earlier in run.models")
         for name in self.pseudo_label.verifiers if self.pseudo_label.enabled else []:
             if name not in everything:
                 raise ValueError(f"pseudo_label.verifiers: {name!r} is not defined in models or "
@@ -623,6 +672,28 @@ class Config(Section):
         if mf and mf not in self.features:
             raise ValueError(f"stacking.mfcc_feature: {mf!r} is not defined in features{closest(mf, self.features)}")
         return self
+
+
+    @staticmethod
+    def _check_hierarchy(where: str, name: str, spec: ModelSpec, everything: dict) -> None:
+        """builder hierarchical: a hierarchy section (defaults filled in), sources that are networks on a feature."""
+        if spec.builder != "hierarchical":
+            if spec.hierarchy is not None:
+                raise ValueError(f"{where}.hierarchy: only a model with builder hierarchical has one")
+            return
+        if spec.hierarchy is None:
+            spec.hierarchy = Hierarchy()
+        if spec.feature or spec.features or spec.embeddings_from:
+            raise ValueError(f"{where}: a hierarchical model reads its hierarchy.sources' embeddings; remove "
+                             f"feature / features / embeddings_from")
+        for src in spec.hierarchy.sources:
+            other = everything.get(src)
+            if other is None:
+                raise ValueError(f"{where}.hierarchy.sources: {src!r} is not a model{closest(src, everything)}")
+            builder = other.builder or src
+            if not other.feature or other.embeddings_from or builder in HANDCRAFTED_PARAMS or src == name:
+                raise ValueError(f"{where}.hierarchy.sources: {src!r} is not a network on a cached feature, so it "
+                                 f"has no extractor to embed clips with")
 
 
 def merge_dicts(base: dict, override: dict) -> dict:

@@ -8,13 +8,14 @@ skipped; an interrupted fold resumes from its last epoch. Writes
 from __future__ import annotations
 
 from pipeline.cli import run_main, start_stage, timed_stage
-from pipeline.fold_training import train_model
+from pipeline.fold_training import check_run, train_model
 
 
 def main(argv=None):
     def extra(p):
         p.add_argument("--model", action="append", default=None, help="model to train (repeatable; default: run.models)")
     args, cfg, work = start_stage("Train the listed models over every fold.", "train", argv, extra)
+    check_run(cfg, args.data)
     for model in args.model or cfg["run"]["models"]:
         with timed_stage(work, f"train:{model}"):
             train_model(cfg, args.data, work, model)

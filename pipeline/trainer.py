@@ -39,7 +39,7 @@ import numpy as np
 from models import load_model as load_saved_model  # imports custom layers first
 from pipeline.augment import balanced_sample_weights, mixup, smoothed_targets, spec_augment
 from pipeline.callbacks import (EPOCH_LOGS, EarlyStop, EpochHistory, EpochLog, FoldCheckpoint, KeepBest,
-                                 PlateauLR, ProgressBar, TrainClock, config_callbacks, load_weights, rng_states,
+                                 PlateauLR, ProgressBar, TrainClock, config_callbacks, load_weights, renew_model,
                                  walk_layers)
 from pipeline.config import model_settings, training_settings
 from pipeline.fingerprints import param_hash
@@ -283,15 +283,7 @@ def fresh_model(spec: dict, input_shape: tuple, n_classes: int, cache: dict | No
             cache[key] = model
         return model
     model = cache[key]
-    template = _build(spec, input_shape, n_classes)
-    model.set_weights(template.get_weights())
-    theirs = rng_states(template)
-    for key, v in rng_states(model).items():  # the dropout RNGs start where a new model's would
-        v.assign(theirs[key].value)
-    if model.optimizer.built:
-        for v in model.optimizer.variables:
-            v.assign(keras.ops.zeros_like(v))
-    model.optimizer.learning_rate.assign(float(spec["train"]["lr"]))
+    renew_model(model, _build(spec, input_shape, n_classes), spec["train"]["lr"])
     return model
 
 

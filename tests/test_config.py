@@ -160,6 +160,10 @@ def test_every_listed_model_resolves():
         elif is_handcrafted(spec):  # statistics of whole clips: several features, no window
             assert all(f in cfg["features"] for f in handcrafted_features(spec)), name
             continue
+        elif spec["builder"] == "hierarchical":  # whole-clip embeddings of earlier models: no window
+            assert all(s in models[:models.index(name)] for s in spec["hierarchy"]["sources"]), name
+            assert spec["window"] == 0 and spec["train"]["epochs"] >= 1, name
+            continue
         else:
             assert spec["feature"] in cfg["features"], name
         assert isinstance(spec["window"], int) and spec["window"] > 0, name
@@ -188,8 +192,8 @@ def test_full_preset_resolves_every_model_and_feature():
     assert cfg["features"]["logmel"]["sr"] == 44100 and cfg["features"]["logmel"]["n_mels"] == 128
     for name in cfg["run"]["models"]:
         spec = model_config(cfg, name)
-        assert (spec.get("embeddings_from") or (is_handcrafted(spec) and set(handcrafted_features(spec)) <=
-                set(cfg["features"])) or spec["feature"] in cfg["features"]), name
+        assert (spec.get("embeddings_from") or spec.get("hierarchy") or (is_handcrafted(spec) and
+                set(handcrafted_features(spec)) <= set(cfg["features"])) or spec["feature"] in cfg["features"]), name
     assert model_config(cfg, "wave1d")["train"]["batch_size"] == 128
     assert model_config(cfg, "inception2d")["window"] == 299
     assert cfg["pseudo_label"]["enabled"] and cfg["labels"]["source"] == "pseudo"

@@ -69,8 +69,8 @@ def tiny_models():
 
 def test_registry_and_unknown_name():
     assert set(models.BUILDERS) == {"cnn_ref", "wave1d", "inception2d", "vggish", "mla", "xception_ms",
-                                    "factorized_cnn", "mini_segnet"}
-    with pytest.raises(ValueError, match="known models: cnn_ref, factorized_cnn, inception2d, mini_segnet, "
+                                    "factorized_cnn", "mini_segnet", "hierarchical"}
+    with pytest.raises(ValueError, match="known models: cnn_ref, factorized_cnn, hierarchical, inception2d, mini_segnet, "
                                          "mla, vggish, wave1d, xception_ms"):
         models.build_model("resnet9000", (10, 10), 3)
     assert models.default_params("mla") == dict(units=600, levels=3, dropout=0.4,
