@@ -163,7 +163,8 @@ def fold_meta_classes(spec: dict, work: WorkDir, folds: pd.DataFrame, fold: int,
         n_meta = hierarchy["n_meta"] or default_n_meta(len(classes))
         groups = derive_meta_classes(confusion, n_meta)
         names = [f"meta_{m}" for m in range(len(groups))]
-        how = f"derived from the out-of-fold confusion of {', '.join(hierarchy['sources'])} (rows outside fold {fold})"
+        how = (f"derived from the out-of-fold confusion of {', '.join(hierarchy['sources'])} on the rows outside "
+               f"each fold")
     return {"how": how, "names": names, "groups": groups,
             "classes": [[classes[c] for c in g] for g in groups]}
 

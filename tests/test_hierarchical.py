@@ -246,6 +246,11 @@ def test_each_fold_reads_only_its_own_extractors_embeddings(run, monkeypatch):
         assert meta["how"].startswith("derived")
         summary = read_json(run.work.fold_dir("hierarchical", k) / "summary.json")
         assert set(summary["val_map3_per_source"]) == {"cnn_ref", "cnn_ref_gammatone"}
+    # the report shows each fold's grouping
+    from pipeline.reporting.sections import meta_classes_section
+    text = "\n".join(meta_classes_section(run.work).lines)
+    assert "## Meta-classes of the hierarchical models" in text and "derived from the out-of-fold confusion" in text
+    assert all(c in text for c in classes) and "| 1 |" in text
     store = hier.source_stores(run.cfg, run.work, run.cfg["models"]["hierarchical"], compute=False)
     held = run.folds.loc[run.folds["fold"] == 1, "fname"].tolist()
     fold_dir = run.work.fold_dir("hierarchical", 1)

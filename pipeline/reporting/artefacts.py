@@ -118,6 +118,22 @@ def collect_scores(work) -> Scores:
 
 # ---------------------------------------------------------------------------
 # training, pseudo-labelling, timings, submission
+def meta_class_groupings(work) -> dict[str, list[dict]]:
+    """model -> the meta-classes each fold of a hierarchical model used (models/<model>/fold<k>/meta_classes.json)."""
+    work = as_work(work)
+    root = work.root / "models"
+    out: dict[str, list[dict]] = {}
+    if not root.is_dir():
+        return out
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        folds = [read_json(f / "meta_classes.json") for f in sorted(d.glob("fold*"), key=lambda p: (len(p.name),
+                                                                                                      p.name))]
+        folds = [m for m in folds if m]
+        if folds:
+            out[d.name] = folds
+    return out
+
+
 def training_histories(work) -> dict[str, pd.DataFrame]:
     """model -> every fold's history.csv stacked (fold, epoch, loss, val_map3, ...)."""
     work = as_work(work)

@@ -15,9 +15,9 @@ import pandas as pd
 
 from pipeline.dataset import Dataset
 from pipeline.metrics import scope_text, top_k_indices
-from pipeline.reporting.artefacts import (Scores, as_work, collect_scores, dataset_summary, pseudo_label_summary,
-                                          pseudo_label_table, read_clips, submission_score, timings_table,
-                                          training_histories)
+from pipeline.reporting.artefacts import (Scores, as_work, collect_scores, dataset_summary, meta_class_groupings,
+                                          pseudo_label_summary, pseudo_label_table, read_clips, submission_score,
+                                          timings_table, training_histories)
 from pipeline.reporting.oof import confusion_matrix, final_oof, per_class_table, top_confusions
 from pipeline.reporting.plots import plot_confusion, plot_per_class, plot_training
 from pipeline.reporting.tables import (SCORE_FORMATS, fmt_float, fmt_score, fmt_seconds, fmt_share, is_missing,
@@ -237,6 +237,21 @@ def training_section(work: WorkDir) -> Section:
     return Section(md, figures)
 
 
+def meta_classes_section(work: WorkDir) -> Section:
+    """The meta-classes every fold of a hierarchical model used (given or derived); nothing without one."""
+    groupings = meta_class_groupings(work)
+    if not groupings:
+        return Section([])
+    md = ["## Meta-classes of the hierarchical models", ""]
+    for model, folds in groupings.items():
+        hows = sorted({m["how"] for m in folds})
+        md += [f"### {model}", "", f"Meta-classes {'; '.join(hows)}.", ""]
+        rows = [{"fold": m["fold"], "meta-classes": "; ".join(
+            f"**{name}**: {', '.join(members)}" for name, members in zip(m["names"], m["classes"]))} for m in folds]
+        md += [markdown_table(pd.DataFrame(rows), {}), ""]
+    return Section(md)
+
+
 def pseudo_label_section(work: WorkDir) -> Section:
     """The pseudo-labelling iterations and what its guard decided."""
     md = ["## Pseudo-labelling", ""]
@@ -286,7 +301,7 @@ def report_sections(work, dataset: Dataset) -> list[Section]:
     scores = collect_scores(work)
     return [header_section(work, dataset), dataset_section(work, dataset),
             scores_section(scores, labels_file_name(dataset)), final_oof_section(work, dataset),
-            training_section(work), pseudo_label_section(work), timings_section(work),
+            training_section(work), meta_classes_section(work), pseudo_label_section(work), timings_section(work),
             submission_section(work, dataset, scores)]
 
 
