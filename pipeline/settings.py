@@ -444,7 +444,6 @@ def _default_models() -> dict:
                            "train": {"loss": "triplet", "mixup_alpha": 0.0,
                                      "spec_augment": {"time_masks": 1, "time_width": 8, "freq_masks": 1,
                                                       "freq_width": 6}}},
-        # issue 13, in progress: not in run.models yet (add it with --set run.models=[...,mini_segnet])
         "mini_segnet": {"feature": "logmel", "window": 64, "params": {"width": 0.5}},
         "stats_lgbm": {"features": ["mfcc", "logmel"], "window": 0},
         "stats_lr": {"features": ["mfcc", "logmel"], "window": 0},
@@ -529,7 +528,8 @@ class PseudoLabel(Section):
 
 class Run(Section):
     models: list[str] = ["stats_lgbm", "stats_lr", "cnn_ref", "wave1d", "inception2d", "xception_ms",
-                         "factorized_cnn", "vggish", "mla", "cnn_ref_gammatone", "cnn_ref_cqt", "hierarchical"]
+                         "factorized_cnn", "mini_segnet", "vggish", "mla", "cnn_ref_gammatone", "cnn_ref_cqt",
+                         "hierarchical"]
     """models trained, in this order (a model on embeddings after its source); stats_*: handcrafted baselines"""
 
 
