@@ -11,7 +11,8 @@ code reads both:
                                                   files and inference settings, the run's scores, provenance
     stacking/final_learner.joblib                 the final learner as the stacking stage fit it (if any)
     models/<model>/fold<k>/{best.keras,model.joblib}   every fold model the final learner uses
-                                                  (and the extractor folds of a model on embeddings)
+                                                  (and the extractor folds of a model on embeddings);
+                                                  Keras models without their optimizer state
     features/<feature>-<key>/{params.json,stats.json}  each feature's exact settings and normalisation
     features/embeddings-<source>-<key>/{params.json,stats.json}   an embeddings store's statistics
 
@@ -33,6 +34,17 @@ from pipeline.tagger_manifest import MANIFEST, TAGGER_FORMAT, library_versions, 
 from pipeline.workdir import atomic_write_json, read_json
 
 log = logging.getLogger("export")
+
+
+def copy_model_file(src: Path, dst: Path) -> None:
+    """Copy one file of the tagger; a Keras model without its optimizer state (a fold's
+    ``best.keras`` keeps Adam's two moments of every weight, two thirds of the file, which
+    inference never reads): loaded uncompiled and saved again, same weights, same outputs."""
+    if src.suffix == ".keras":
+        from models import load_model
+        load_model(src, compile=False).save(dst)
+    else:
+        shutil.copy2(src, dst)
 
 
 def folder_size(path: Path) -> int:
@@ -61,7 +73,7 @@ def export_tagger(work, out) -> dict:
         for rel in files:
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(work / rel, dst)
+            copy_model_file(work / rel, dst)
         atomic_write_json(manifest, tmp / MANIFEST)  # last: a folder without it is not a tagger
         if out.exists():
             out.rmdir()  # empty (checked above)

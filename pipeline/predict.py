@@ -42,6 +42,8 @@ def main(argv=None):
     args = parse(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # the extractors' predict (embedding_store.embed_arrays) retraces for each batch's size: expected, not news
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     tag(args.work, args.files, args.audio_dir, args.out, args.top_k, args.sample_submission, args.model,
         args.batch_files, progress=not args.no_progress)
 

@@ -43,6 +43,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from pipeline.audio import AudioError
@@ -133,58 +134,74 @@ class Tagger:
         extra = np.full((n, self._n_extra()), np.nan)
         errors = [""] * n
         seconds, start = 0.0, time.perf_counter()
+        busy = {"features": 0.0, **{m: 0.0 for m in self.models}}  # seconds spent per step
         batch_files = max(1, int(batch_files))
         with tqdm(total=n, unit="file", desc="tagging", disable=not self.progress or n == 0) as bar:
             for lo in range(0, n, batch_files):
                 hi = min(n, lo + batch_files)
-                ids, arrays, good = [], {ref: {} for ref in self.features.stores}, []
-                for i in range(lo, hi):
-                    try:
-                        y, sr, where = decode(sources[i])
-                        feats = self.features.compute(y, sr, where)
-                    except AudioError as exc:
-                        if raise_errors:
-                            raise
-                        errors[i] = f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason
-                        log.warning("%s: %s; it gets the class prior", names[i], errors[i])
-                        continue
-                    except Exception as exc:  # any other failure of one file must not stop the others
-                        if raise_errors:
-                            raise
-                        errors[i] = f"failed: {type(exc).__name__}: {exc}"
-                        log.warning("%s: %s; it gets the class prior", names[i], errors[i], exc_info=True)
-                        continue
-                    seconds += len(y) / sr
-                    cid = str(i)
-                    ids.append(cid)
-                    good.append(i - lo)
-                    for ref, arr in feats.items():
-                        arrays[ref][cid] = arr
+                tick = time.perf_counter()
+                with threadpool_limits(1):  # as in the feature stage: BLAS threads only contend (10x slower here)
+                    ids, arrays, good, audio = self._decode(sources, names, range(lo, hi), errors, raise_errors)
+                seconds += audio
                 batch = self.features.batch(ids, arrays)
+                if self.mfcc_ref is not None and ids:
+                    from stacking.features import mfcc_statistics
+                    extra[lo + np.asarray(good)] = mfcc_statistics(batch.store(self.mfcc_ref), batch.split, ids)
+                busy["features"] += time.perf_counter() - tick
                 for m, predictor in self.models.items():
+                    tick = time.perf_counter()
                     table = np.tile(self.prior, (hi - lo, 1))
                     if ids:  # each fold's test table, combined as assemble_predictions combines them
                         table[good] = geometric_mean([as_written(p) for p in predictor.predict_folds(batch)])
                     tables[m][lo:hi] = as_written(table)  # the model's test table
-                if self.mfcc_ref is not None and ids:
-                    from stacking.features import mfcc_statistics
-                    extra[lo + np.asarray(good)] = mfcc_statistics(batch.store(self.mfcc_ref), batch.split, ids)
+                    busy[m] += time.perf_counter() - tick
                 bar.update(hi - lo)
         probs = self._final(tables, extra, n)
         wall = time.perf_counter() - start
         bad = [names[i] for i in range(n) if errors[i]]
-        self.last_run = {"files": n, "bad": len(bad), "audio_seconds": seconds, "wall_seconds": wall}
+        self.last_run = {"files": n, "bad": len(bad), "audio_seconds": seconds, "wall_seconds": wall,
+                         "busy_seconds": {k: round(v, 3) for k, v in busy.items()}}
         if n:
             log.info("tagged %d file(s) (%.1f s of audio) in %.1f s: %.1f files/s, %.0fx real time; %d bad%s", n,
                      seconds, wall, n / max(wall, 1e-9), seconds / max(wall, 1e-9), len(bad),
                      f" ({', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''})" if bad else "")
         return probs, errors
 
+    def _decode(self, sources, names, positions, errors, raise_errors):
+        """Decode ``sources[positions]`` and compute their features: (clip ids, feature -> id -> array,
+        offsets of the usable ones within ``positions``, seconds of audio); a bad one gets its error
+        in ``errors`` (or raises, with ``raise_errors``)."""
+        ids, arrays, good, seconds = [], {ref: {} for ref in self.features.stores}, [], 0.0
+        for j, i in enumerate(positions):
+            try:
+                y, sr, where = decode(sources[i])
+                feats = self.features.compute(y, sr, where)
+            except AudioError as exc:
+                if raise_errors:
+                    raise
+                errors[i] = f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason
+                log.warning("%s: %s; it gets the class prior", names[i], errors[i])
+                continue
+            except Exception as exc:  # any other failure of one file must not stop the others
+                if raise_errors:
+                    raise
+                errors[i] = f"failed: {type(exc).__name__}: {exc}"
+                log.warning("%s: %s; it gets the class prior", names[i], errors[i], exc_info=True)
+                continue
+            seconds += len(y) / sr
+            ids.append(str(i))
+            good.append(j)
+            for ref, arr in feats.items():
+                arrays[ref][str(i)] = arr
+        return ids, arrays, good, seconds
+
     def _n_extra(self) -> int:
         return 0 if self.learner is None else int(self.learner.layout.n_extra)
 
     def _final(self, tables: dict[str, np.ndarray], extra: np.ndarray, n: int) -> np.ndarray:
         """The final entry over the models' tables (rows normalised as the stacker reads them)."""
+        if n == 0:
+            return np.zeros((0, len(self.classes)))
         if self.learner is None:
             return normalize_rows(tables[self.final])
         unused = np.tile(self.prior, (n, 1))  # a model of weight 0 (see tagger_manifest.used_models)

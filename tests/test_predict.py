@@ -116,15 +116,20 @@ def test_one_model_reproduces_its_test_table(run, exported, tmp_path, model):
         _check_reproduces(out, run["work"] / "predictions" / f"{model}_test.csv", run["data"].classes)
 
 
-def test_a_lightgbm_final_reads_the_mfcc_statistics(run, tmp_path):
-    """The LightGBM stacker's extra columns (MFCC statistics) come from the new clips too."""
+@pytest.mark.parametrize("final", ["lightgbm", "stats_lr"])
+def test_other_final_entries(run, tmp_path, final):
+    """A LightGBM final learner reads MFCC statistics of the new clips too (its extra columns);
+    a single model forced as the final entry is that model's table."""
     work = tmp_path / "work"
     shutil.copytree(run["work"], work)
-    argv = _argv({**run, "work": work}, "--set", "stacking.final=lightgbm")
+    argv = _argv({**run, "work": work}, "--set", f"stacking.final={final}")
     assert stack_stage.cli(argv) == 0
     out = tmp_path / "tags.csv"
     assert _predict("--work", str(work), "--audio-dir", str(run["data"].root / "audio_test"), "--out", str(out)) == 0
     _check_reproduces(out, work / "stacking" / "final_test.csv", run["data"].classes)
+    assert json.loads((work / "stacking" / "summary.json").read_text())["final"] == final
+    from pipeline.tagger import Tagger
+    assert Tagger.load(work, progress=False).predict([]).shape == (0, 3 + len(run["data"].classes))
 
 
 # ---------------------------------------------------------------------------
