@@ -20,13 +20,14 @@ Kinds today (:data:`PREDICTORS`, matched in this order):
   ``mla``): fold k's clips are embedded by the source model's fold-k
   extractor (:mod:`pipeline.embedding_store`) and predicted by fold k's
   network, exactly as its test clips were;
+- ``hierarchical``: two-level DNNs on each source's per-fold mean clip
+  embedding, posteriors summed over sources (:mod:`pipeline.hierarchical`);
 - ``network``: a Keras network on one cached feature (``best.keras`` per
   fold, sliding windows combined by geometric mean:
   :func:`pipeline.trainer.predict_clips`).
 
-A new kind (e.g. ``hierarchical``) is one subclass registered with
-:func:`register_predictor`; a model no registered kind handles is refused by
-name (:func:`predictor_for`).
+A new kind is one subclass registered with :func:`register_predictor`; a
+model no registered kind handles is refused by name (:func:`predictor_for`).
 """
 from __future__ import annotations
 
@@ -188,13 +189,54 @@ class HandcraftedPredictor(Level1Predictor):
         return out
 
 
+def source_entry(cfg: dict, work: WorkDir, source: str, n_folds: int) -> dict:
+    """How a model on embeddings gets them for a new clip: the source model's feature, its
+    patch length, normalisation and batch size (as :func:`pipeline.embedding_store.compute_embeddings`
+    embeds clips), its fold models (the extractors) and the embeddings store the run wrote."""
+    from pipeline.config import model_config
+    from pipeline.embedding_store import open_embedding_store
+    store = open_embedding_store(cfg, work, source)
+    spec = model_config(cfg, source)
+    return {"model": source, "feature": [store.source_store.name, store.source_store.key],
+            "patch": int(spec["window"]), "normalize": bool(spec["normalize"]),
+            "batch_size": int(spec["train"].get("eval_batch_size", 128)),
+            "folds": fold_files(source, n_folds, "best.keras"), "store": [store.name, store.key]}
+
+
+def source_files(src: dict) -> list[str]:
+    store = feature_dir(Path(""), *src["store"])
+    return list(src["folds"]) + [str(store / "params.json"), str(store / "stats.json")]
+
+
+class SourceEmbedder:
+    """A source model's per-fold extractors (:func:`pipeline.embedding_store.load_extractor`) and
+    what :func:`~pipeline.embedding_store.embed_arrays` needs: fold k's embeddings of a batch's
+    clips, exactly as the embeddings stage computed the run's."""
+
+    def __init__(self, root: Path, src: dict, features: FeatureSet):
+        from pipeline.embedding_store import load_extractor
+        self.src = src
+        work = WorkDir(root)  # an exported tagger keeps the work directory's layout for these files
+        self.extractors = [load_extractor(work, src["model"], k) for k in range(len(src["folds"]))]
+        self.normalizer = Normalizer(features.stats[_ref(src["feature"])] if src["normalize"] else None)
+
+    def embed(self, fold: int, batch: ClipBatch) -> MemoryStore:
+        """A memory store of fold ``fold``'s (n_patches, d) embeddings of every clip of ``batch``."""
+        from pipeline.embedding_store import embed_arrays
+        frames = batch.store(self.src["feature"])
+        arrays = [frames.load(batch.split, i) for i in batch.ids]
+        embs = embed_arrays(self.extractors[fold], arrays, self.normalizer, int(self.src["patch"]),
+                            int(self.src["batch_size"]))
+        name, key = self.src["store"]
+        return MemoryStore(name, key, "embeddings", {}, None, dict(zip(batch.ids, embs)), split=new_split())
+
+
 @register_predictor
 class EmbeddingPredictor(Level1Predictor):
     """A network on per-fold embeddings (``embeddings_from: <source>``): for fold k, every
     clip is cut into the source's patches, normalised as the source trained, embedded by
-    the source's fold-k extractor (:func:`pipeline.embedding_store.load_extractor`,
-    :func:`~pipeline.embedding_store.embed_arrays`) and predicted by fold k's network
-    with sliding windows over the embeddings, as its test clips were."""
+    the source's fold-k extractor (:class:`SourceEmbedder`) and predicted by fold k's
+    network with sliding windows over the embeddings, as its test clips were."""
 
     kind = "embeddings"
 
@@ -209,20 +251,12 @@ class EmbeddingPredictor(Level1Predictor):
 
     @classmethod
     def entry(cls, cfg, work, spec, n_folds):
-        from pipeline.config import model_config
-        from pipeline.embedding_store import open_embedding_store
         from pipeline.trainer import eval_window_hop
-        store = open_embedding_store(cfg, work, spec["embeddings_from"])
-        source = model_config(cfg, spec["embeddings_from"])
-        src_store = store.source_store
         window, hop = eval_window_hop(spec)
         return {"kind": cls.kind, "builder": spec["builder"], "folds": fold_files(spec["name"], n_folds, "best.keras"),
                 "window": window, "hop": hop, "normalize": bool(spec["normalize"]),
-                "batch_size": int(spec["train"]["eval_batch_size"]), "store": [store.name, store.key],
-                "source": {"model": source["name"], "feature": [src_store.name, src_store.key],
-                           "patch": int(source["window"]), "normalize": bool(source["normalize"]),
-                           "batch_size": int(source["train"].get("eval_batch_size", 128)),
-                           "folds": fold_files(source["name"], n_folds, "best.keras")}}
+                "batch_size": int(spec["train"]["eval_batch_size"]),
+                "source": source_entry(cfg, work, spec["embeddings_from"], n_folds)}
 
     @classmethod
     def features(cls, entry):
@@ -230,36 +264,79 @@ class EmbeddingPredictor(Level1Predictor):
 
     @classmethod
     def files(cls, entry):
-        store = feature_dir(Path(""), *entry["store"])
-        return list(entry["folds"]) + list(entry["source"]["folds"]) + [str(store / "params.json"),
-                                                                        str(store / "stats.json")]
+        return list(entry["folds"]) + source_files(entry["source"])
 
     def __init__(self, root, name, entry, n_classes, features):
         super().__init__(root, name, entry, n_classes, features)
-        from pipeline.embedding_store import load_extractor
         from pipeline.tagger_features import open_embeddings_stats
-        src = entry["source"]
         self.models = [_load_network(self.root / rel, n_classes) for rel in entry["folds"]]
-        work = WorkDir(self.root)  # an exported tagger keeps the work directory's layout for these files
-        self.extractors = [load_extractor(work, src["model"], k) for k in range(len(entry["folds"]))]
-        self.source_normalizer = Normalizer(features.stats[self.features(entry)[0]] if src["normalize"] else None)
-        self.store_name, self.store_ref = entry["store"]
-        self.stats = open_embeddings_stats(self.root, self.store_name, self.store_ref)
-        self.normalizer = Normalizer(self.stats if entry["normalize"] else None)
+        self.embedder = SourceEmbedder(self.root, entry["source"], features)
+        # the network's own input statistics: the embeddings store's stats.json
+        stats = open_embeddings_stats(self.root, *entry["source"]["store"])
+        self.normalizer = Normalizer(stats if entry["normalize"] else None)
 
     def predict_folds(self, batch):
-        from pipeline.embedding_store import embed_arrays
         from pipeline.trainer import predict_clips
-        e, src = self.entry, self.entry["source"]
-        frames = batch.store(src["feature"])
-        arrays = [frames.load(batch.split, i) for i in batch.ids]
+        e = self.entry
         out = []
-        for model, extractor in zip(self.models, self.extractors):
-            embs = embed_arrays(extractor, arrays, self.source_normalizer, int(src["patch"]), int(src["batch_size"]))
-            store = MemoryStore(self.store_name, self.store_ref, "embeddings", {}, self.stats,
-                                dict(zip(batch.ids, embs)), split=new_split())
+        for k, model in enumerate(self.models):
+            store = self.embedder.embed(k, batch)
             out.append(predict_clips(model, store, store.split, batch.ids, int(e["window"]), int(e["hop"]),
                                      self.normalizer, int(e["batch_size"])))
+        return out
+
+
+@register_predictor
+class HierarchicalPredictor(Level1Predictor):
+    """``hierarchical`` (:mod:`pipeline.hierarchical`): for fold k and each source, the clip's
+    mean embedding by the source's fold-k extractor (:class:`SourceEmbedder`,
+    :func:`pipeline.hierarchical.clip_embeddings`) into fold k's two-level classifier of that
+    source (``<source>.keras``, its standardisation built in,
+    :func:`pipeline.hierarchical.predict_rows`); the sources' posteriors summed and
+    normalised, as the fold predicted its test clips."""
+
+    kind = "hierarchical"
+
+    @classmethod
+    def handles(cls, spec):
+        from pipeline.hierarchical import is_hierarchical
+        return is_hierarchical(spec)
+
+    @classmethod
+    def store_key(cls, cfg, work, spec):
+        from pipeline.embedding_store import open_embedding_store
+        from pipeline.hierarchical import stores_key
+        return stores_key({src: open_embedding_store(cfg, work, src) for src in spec["hierarchy"]["sources"]})
+
+    @classmethod
+    def entry(cls, cfg, work, spec, n_folds):
+        sources = list(spec["hierarchy"]["sources"])
+        return {"kind": cls.kind, "builder": spec["builder"],
+                "folds": [[f"models/{spec['name']}/fold{k}/{src}.keras" for src in sources] for k in range(n_folds)],
+                "sources": [source_entry(cfg, work, src, n_folds) for src in sources]}
+
+    @classmethod
+    def features(cls, entry):
+        return [_ref(src["feature"]) for src in entry["sources"]]
+
+    @classmethod
+    def files(cls, entry):
+        return [f for fold in entry["folds"] for f in fold] + [f for src in entry["sources"] for f in source_files(src)]
+
+    def __init__(self, root, name, entry, n_classes, features):
+        super().__init__(root, name, entry, n_classes, features)
+        self.models = [[_load_network(self.root / rel, n_classes) for rel in fold] for fold in entry["folds"]]
+        self.embedders = [SourceEmbedder(self.root, src, features) for src in entry["sources"]]
+
+    def predict_folds(self, batch):
+        from pipeline.hierarchical import clip_embeddings, predict_rows
+        out = []
+        for k, models in enumerate(self.models):
+            total = np.zeros((len(batch.ids), self.n_classes))
+            for model, embedder in zip(models, self.embedders):
+                store = embedder.embed(k, batch)
+                total += predict_rows(model, clip_embeddings(store, store.split, batch.ids))
+            out.append(total / total.sum(axis=1, keepdims=True))
         return out
 
 

@@ -2,8 +2,9 @@
 ``Tagger`` and ``python -m pipeline.export``.
 
 One tiny run (2 folds, 1 epoch) with a model of every kind the tagger runs:
-a network on a cached feature (cnn_ref), a handcrafted model (stats_lr) and a
-network on per-fold embeddings (mla on vggish). Tagging the run's own test
+a network on a cached feature (cnn_ref), a handcrafted model (stats_lr), a
+network on per-fold embeddings (mla on vggish) and a hierarchical model on
+cnn_ref's per-fold embeddings. Tagging the run's own test
 folder must give its tables: ``stacking/final_test.csv`` and a single
 model's ``predictions/<model>_test.csv``, from the work directory and from
 an exported tagger. The test folder holds a corrupt clip, so the bad-clip
@@ -43,10 +44,12 @@ PRESET = {
         "stats_lr": {"features": ["mfcc"], "params": {"C": 1.0}},
         "vggish": {"params": {"width": 0.0625, "hidden": 8}},
         "mla": {"params": {"units": 8}},
+        "hier": {"builder": "hierarchical", "window": 0, "params": {"hidden": [8], "dropout": 0.1},
+                 "train": {"epochs": 2}, "hierarchy": {"sources": ["cnn_ref"], "n_meta": 2}},
     },
     "pseudo_label": {"enabled": False},
     "labels": {"source": "given"},
-    "run": {"models": ["cnn_ref", "stats_lr", "vggish", "mla"]},
+    "run": {"models": ["cnn_ref", "stats_lr", "vggish", "mla", "hier"]},
     "stacking": {"learners": ["geomean", "logreg", "lightgbm"], "default": "logreg", "final": "logreg",
                  "lightgbm": {"n_estimators": 10}, "logreg": {"C": 1.0}},
 }
@@ -107,7 +110,7 @@ def test_tagging_the_test_folder_reproduces_the_final_test_table(run, exported, 
     assert (got.drop(index=corrupt)["error"] == "").all()
 
 
-@pytest.mark.parametrize("model", ["cnn_ref", "stats_lr", "mla"])
+@pytest.mark.parametrize("model", ["cnn_ref", "stats_lr", "mla", "hier"])
 def test_one_model_reproduces_its_test_table(run, exported, tmp_path, model):
     for where in (run["work"], exported):
         out = tmp_path / f"{model}.csv"
@@ -185,9 +188,10 @@ def test_a_missing_or_unfinished_work_directory_is_refused(run, tmp_path, capsys
 
 
 def test_a_model_of_an_unknown_kind_is_refused_by_name():
-    from pipeline.tagger_models import predictor_for
-    with pytest.raises(UserError, match="'hier'.*cannot run yet"):
-        predictor_for("hier", {"builder": "hierarchical", "hierarchy": {"sources": ["cnn_ref"]}, "window": 0})
+    from pipeline.tagger_models import PREDICTORS, predictor_for
+    assert list(PREDICTORS) == ["handcrafted", "embeddings", "hierarchical", "network"]
+    with pytest.raises(UserError, match="'odd'.*cannot run yet"):
+        predictor_for("odd", {"builder": "something_new", "window": 0})
 
 
 def test_an_export_is_refused_into_a_folder_that_is_not_empty(run, tmp_path, capsys):
