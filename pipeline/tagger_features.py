@@ -14,9 +14,9 @@ model's folds read (a later run may have other settings, and a stage that
 found a model up to date did not retrain it); the tagger uses them only to
 find that folder, and only a config whose recomputed fold fingerprint equals
 the one in every fold's ``summary.json`` (:mod:`pipeline.tagger_manifest`).
-Here the store is rebuilt from params.json and its key recomputed: a
-mismatch means the feature code or its settings schema changed since the
-run, and is refused rather than silently computing other features.
+Here the store is rebuilt from params.json: features made by another
+version of the feature code (``FEATURE_VERSION``, bumped whenever a
+computation changes) are refused rather than silently computed otherwise.
 
 Each clip goes through the feature stage's steps (:func:`pipeline.extraction._process_clips`):
 :func:`pipeline.audio.read_audio`, :func:`pipeline.audio.preprocess` once per
@@ -30,6 +30,7 @@ they read the training cache.
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +39,10 @@ import numpy as np
 from pipeline.audio import AudioError, preprocess, read_audio
 from pipeline.cache import FeatureStore
 from pipeline.cli import UserError
-from pipeline.spectral import compute_feature
+from pipeline.spectral import FEATURE_VERSION, compute_feature
 from pipeline.workdir import WorkDir, read_json
+
+log = logging.getLogger("tagger")
 
 #: (feature name, cache key): one cached feature of the run
 FeatureRef = tuple[str, str]
@@ -52,20 +55,29 @@ def feature_dir(root: Path, name: str, key: str) -> Path:
 
 def open_feature(root: Path, name: str, key: str) -> FeatureStore:
     """The cached feature's store, rebuilt from its ``params.json`` (see the module doc) and checked:
-    the key recomputed from the settings must be the folder's, and ``stats.json`` must be there."""
+    made by this feature code (``version``), settings today's schema accepts, ``stats.json`` there.
+
+    Today's code may spell the same settings into another key (a new setting with a default,
+    a schema change); the arrays are still computed from the run's settings, and a warning
+    says so. The store keeps the folder's key and reads its statistics."""
     folder = feature_dir(root, name, key)
     params = read_json(folder / "params.json")
     if params is None:
         raise UserError(f"{folder / 'params.json'} is missing: the feature cache of the run is incomplete "
                         "(run `python -m pipeline.features` on the work directory, or export it again)")
+    if params.get("version") != FEATURE_VERSION:
+        raise UserError(f"{folder}: computed by feature code version {params.get('version')}, this code is version "
+                        f"{FEATURE_VERSION} (it computes features differently): tag with the code that trained the "
+                        "run, or retrain it (./run_all.sh)")
     try:
         store = FeatureStore(WorkDir(root), name, params["feature"], params["audio"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{folder / 'params.json'}: not the settings of a feature cache ({exc})") from None
+        raise UserError(f"{folder / 'params.json'}: settings this code does not accept ({exc}): tag with the code "
+                        "that trained the run") from None
     if store.key != key:
-        raise UserError(f"{folder}: its settings hash to {store.key} with the current feature code: the code or "
-                        f"its settings changed since the run (version {params.get('version')}); retrain the run "
-                        "(./run_all.sh) to tag with the current code")
+        log.warning("%s: today's code keys these settings as %s (its settings schema changed since the run); the "
+                    "features are computed with the run's settings", folder, store.key)
+        store.key, store.root = key, folder
     if store.stats() is None:
         raise UserError(f"{store.stats_path} is missing: run `python -m pipeline.features` on the work directory")
     return store

@@ -12,13 +12,20 @@ settings), plus the run's scores. Every path in it is relative to the root
 Which settings a model was trained with: the run's stages log their
 resolved settings (``logs/<run id>/<stage>.config.yaml``), but a later run
 may have used other ones, and a stage that found a model up to date did not
-retrain it. So each logged config (newest first) is tried, and the one whose
-recomputed fold fingerprint (:func:`pipeline.fold_training.fold_inputs`, the
-function the training stage keys its folds with: the model's settings, its
-input's cache key, labels, folds, seed, clips) equals the fingerprint in the
-model's fold ``summary.json`` files is the one its folds were trained with.
-From it come the cache folders of its features, whose ``params.json`` then
-gives the exact feature settings (:mod:`pipeline.tagger_features`).
+retrain it. So each logged config (newest first) is tried, with the model's
+settings as today's schema resolves them and as they were logged
+(:func:`pipeline.tagger_models.model_specs`), and each input the model may
+have read (the cache today's code would key from those settings, then every
+cache folder of that input in the work directory:
+:meth:`~pipeline.tagger_models.Level1Predictor.candidates`); the combination
+whose recomputed fold fingerprint (:func:`pipeline.fold_training.fold_inputs`,
+the function the training stage keys its folds with: the model's settings,
+its input's cache key, labels, folds, seed, clips) equals the fingerprint in
+the model's fold ``summary.json`` files is what its folds were trained
+with. The cache folders it names hold the exact feature settings
+(``params.json``, :mod:`pipeline.tagger_features`). Trying the caches on
+disk, not only the key today's code computes, keeps a run taggable after a
+code change that only changes how a cache key is spelled.
 
 A work directory that is missing or unfinished is refused with one line
 naming what is missing and the stage that makes it.
@@ -193,11 +200,10 @@ def _fold_fingerprint(work: WorkDir, model: str, n_folds: int) -> str:
 
 
 def resolve_model(work: WorkDir, model: str, configs: list, folds: pd.DataFrame, classes: list[str]) -> dict:
-    """``model``'s manifest entry from the first logged config that reproduces its fold
-    fingerprint (see the module doc); refused when none does."""
-    from pipeline.config import ConfigError, model_config
+    """``model``'s manifest entry: the first (logged config, settings, input) whose recomputed
+    fold fingerprint is the one its folds recorded (see the module doc); refused when none is."""
     from pipeline.fold_training import fold_inputs
-    from pipeline.tagger_models import predictor_for
+    from pipeline.tagger_models import model_specs, predictor_for
 
     n_folds = int(folds["fold"].max()) + 1
     want = _fold_fingerprint(work, model, n_folds)
@@ -205,33 +211,28 @@ def resolve_model(work: WorkDir, model: str, configs: list, folds: pd.DataFrame,
     # what fold_inputs reads of the dataset: the test clips in order and the classes (as the tables hold them)
     dataset = SimpleNamespace(test_fnames=pd.read_csv(test, dtype={"fname": str}, usecols=["fname"])["fname"].tolist(),
                               classes=list(classes))
-    last_error = None
+    last_error, tried = None, 0
     for where, cfg in configs:
-        try:
-            spec = model_config(cfg, model)
-        except (ConfigError, KeyError, TypeError):
-            continue
-        kind = predictor_for(model, spec)  # an unknown kind is refused by name
-        try:
-            key = kind.store_key(cfg, work, spec)
-            fp = fold_inputs(cfg, work, spec, key, folds, dataset).fingerprint
-        except Exception as exc:  # a config this run cannot have trained with (other features, labels, ...)
-            last_error = f"{where}: {type(exc).__name__}: {exc}"
-            log.debug("%s: %s", model, last_error)
-            continue
-        if fp == want:
-            entry = kind.entry(cfg, work, spec, n_folds)
-            entry["settings_from"] = str(where)
-            for rel in kind.files(entry):
-                _require(work, rel, "python -m pipeline.train", f" (needed by {model})")
-            return entry
+        for spec in model_specs(cfg, model):
+            kind = predictor_for(model, spec)  # an unknown kind is refused by name
+            try:
+                for key, entry in kind.candidates(cfg, work, spec, n_folds):
+                    tried += 1
+                    if fold_inputs(cfg, work, spec, key, folds, dataset).fingerprint == want:
+                        entry["settings_from"] = str(where)
+                        for rel in kind.files(entry):
+                            _require(work, rel, "python -m pipeline.train", f" (needed by {model})")
+                        return entry
+            except Exception as exc:  # a config this run cannot have trained with (other labels, ...)
+                last_error = f"{where}: {type(exc).__name__}: {exc}"
+                log.debug("%s: %s", model, last_error)
     raise UserError(f"cannot tell which settings {model!r} was trained with: none of the {len(configs)} settings "
-                    f"files logged under {work.logs_dir} gives the fingerprint of its folds ({want})"
-                    + (f"; last try: {last_error}" if last_error else "")
+                    f"files logged under {work.logs_dir} ({tried} candidate inputs) gives the fingerprint of its "
+                    f"folds ({want})" + (f"; last error: {last_error}" if last_error else "")
                     + f". Rerun the command that trained it (python -m pipeline.train --model {model} --work "
                     f"{work.root} with the run's --config/--set): finished folds are skipped and the settings "
-                    "logged. If the code changed since the run, so may its settings schema: tag with the code "
-                    "that trained it, or export the tagger with it (python -m pipeline.export)")
+                    "logged. If the code changed since the run in a way that changes its fingerprints, tag with "
+                    "the code that trained it, or export the tagger with it (python -m pipeline.export)")
 
 
 def _finite(value):

@@ -1,11 +1,11 @@
 """Level-1 predictors of the tagger: one class per kind of model, one registry.
 
-Each kind knows three things about a trained model: what it read in training
-(:meth:`Level1Predictor.store_key`, the input key the fold fingerprint
-hashes, computed as :func:`pipeline.fold_training.train_model` computes it),
-what the tagger needs to run it (:meth:`~Level1Predictor.entry`: a JSON-able
-manifest entry naming the per-fold files, the cached features it reads and
-its inference settings; :meth:`~Level1Predictor.files`,
+Each kind knows three things about a trained model: what it may have read
+in training and what the tagger then needs to run it
+(:meth:`Level1Predictor.candidates`: the input key the fold fingerprint
+hashes, as :func:`pipeline.fold_training.train_model` computes it, with a
+JSON-able manifest entry naming the per-fold files, the cached features it
+reads and its inference settings; :meth:`~Level1Predictor.files`,
 :meth:`~Level1Predictor.features`), and how to predict new clips with every
 fold model (:meth:`~Level1Predictor.predict_folds`, the pipeline's own code
 for its held-out and test clips). Combining the folds (geometric mean, the
@@ -31,9 +31,12 @@ model no registered kind handles is refused by name (:func:`predictor_for`).
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import re
 from pathlib import Path
-from typing import ClassVar
+from types import SimpleNamespace
+from typing import ClassVar, Iterator
 
 import numpy as np
 
@@ -46,6 +49,32 @@ from pipeline.tagger_features import ClipBatch, FeatureRef, FeatureSet, MemorySt
 from pipeline.workdir import WorkDir
 
 log = logging.getLogger("tagger")
+
+
+def model_specs(cfg: dict, model: str) -> list[dict]:
+    """Model ``model``'s settings (:func:`pipeline.config.model_config`) as the stage that logged
+    ``cfg`` may have computed them: with today's schema, and as logged, the model's training
+    overrides merged over the logged training section without validating them again (the
+    logged config holds every default of the code that wrote it; today's schema may add
+    settings, or coerce values, the run's fingerprint never saw). Empty when ``cfg`` does
+    not define the model."""
+    import copy
+
+    from pipeline.config import ConfigError, deep_merge, model_config
+    entry = (cfg.get("models") or {}).get(model)
+    if not isinstance(entry, dict):
+        return []
+    out = []
+    try:
+        out.append(model_config(cfg, model))
+    except (ConfigError, KeyError, TypeError, ValueError):
+        pass
+    logged = copy.deepcopy(entry)
+    logged["train"] = deep_merge(cfg.get("training") or {}, entry.get("train") or {})
+    logged["builder"] = logged.get("builder") or model
+    logged.setdefault("params", {})
+    logged["name"] = model
+    return out if out and out[0] == logged else out + [logged]
 
 
 def fold_files(model: str, n_folds: int, filename: str) -> list[str]:
@@ -76,14 +105,14 @@ class Level1Predictor:
         raise NotImplementedError
 
     @classmethod
-    def store_key(cls, cfg: dict, work: WorkDir, spec: dict) -> str:
-        """The key of what the model read in training, as its fold fingerprint hashes it."""
-        raise NotImplementedError
-
-    @classmethod
-    def entry(cls, cfg: dict, work: WorkDir, spec: dict, n_folds: int) -> dict:
-        """The model's manifest entry: ``kind``, ``builder``, ``folds`` (per-fold files) and what
-        :meth:`features` / :meth:`files` / the constructor read."""
+    def candidates(cls, cfg: dict, work: WorkDir, spec: dict, n_folds: int) -> Iterator[tuple[str, dict]]:
+        """(input key, manifest entry) of every input the model may have read in training: the key
+        its fold fingerprint hashes (as :func:`pipeline.fold_training.train_model` computes it)
+        and the entry that reads that input (``kind``, ``builder``, ``folds``: the per-fold files,
+        and what :meth:`features` / :meth:`files` / the constructor read). The input today's code
+        computes from ``cfg`` comes first, then those the work directory's caches hold: a cache
+        whose key today's code computes differently still names the folder the folds read, and
+        the fingerprint tells which one it was."""
         raise NotImplementedError
 
     @classmethod
@@ -132,6 +161,38 @@ def _ref(pair) -> FeatureRef:
     return (str(pair[0]), str(pair[1]))
 
 
+def cached_keys(work: WorkDir, name: str) -> list[str]:
+    """Keys of the cache folders ``features/<name>-<key>/`` (with a params.json) in the work directory, newest first."""
+    pattern = re.compile(re.escape(name) + r"-([0-9a-f]{10})")
+    found = []
+    for d in (work.root / "features").glob(f"{name}-*"):
+        m = pattern.fullmatch(d.name)
+        if m and (d / "params.json").is_file():
+            found.append((d.stat().st_mtime_ns, m.group(1)))
+    return [k for _, k in sorted(found, reverse=True)]
+
+
+def input_keys(computed, work: WorkDir, name: str) -> list[str]:
+    """``computed()`` (the key today's code gives; skipped when it fails) then :func:`cached_keys`."""
+    keys = []
+    try:
+        keys.append(computed())
+    except Exception as exc:  # settings today's code refuses: the caches may still hold the run's
+        log.debug("%s: no key from the settings (%s)", name, exc)
+    return list(dict.fromkeys(keys + cached_keys(work, name)))
+
+
+#: at most this many combinations of several inputs' keys are tried (handcrafted, hierarchical)
+MAX_COMBINATIONS = 64
+
+
+def combinations(options: dict[str, list[str]]) -> list[dict[str, str]]:
+    """Every choice of one key per name (at most :data:`MAX_COMBINATIONS`), first keys first."""
+    names = list(options)
+    return [dict(zip(names, combo)) for combo in itertools.islice(itertools.product(*options.values()),
+                                                                     MAX_COMBINATIONS)]
+
+
 @register_predictor
 class HandcraftedPredictor(Level1Predictor):
     """``stats_lgbm`` / ``stats_lr``: each fold's fitted estimator (``model.joblib``) on the clip
@@ -145,18 +206,21 @@ class HandcraftedPredictor(Level1Predictor):
         return is_handcrafted(spec)
 
     @classmethod
-    def _stores(cls, cfg, work, spec):
-        return feature_stores(work, cfg, handcrafted_features(spec))
-
-    @classmethod
-    def store_key(cls, cfg, work, spec):
-        return param_hash({n: st.key for n, st in cls._stores(cfg, work, spec).items()}, 16)
-
-    @classmethod
-    def entry(cls, cfg, work, spec, n_folds):
-        stores = cls._stores(cfg, work, spec)
-        return {"kind": cls.kind, "builder": spec["builder"], "folds": fold_files(spec["name"], n_folds, "model.joblib"),
-                "features": [[n, st.key] for n, st in stores.items()]}
+    def candidates(cls, cfg, work, spec, n_folds):
+        import joblib
+        feats = handcrafted_features(spec)
+        choices = []
+        first = work.fold_dir(spec["name"], 0) / "model.joblib"
+        if first.is_file():  # the fold records the caches it read
+            recorded = joblib.load(first).get("features") or {}
+            if set(recorded) == set(feats):
+                choices.append({f: recorded[f] for f in feats})
+        choices += combinations({f: input_keys(lambda f=f: feature_stores(work, cfg, [f])[f].key, work, f)
+                                 for f in feats})
+        for keys in map(dict, dict.fromkeys(tuple(c.items()) for c in choices)):
+            yield param_hash(keys, 16), {"kind": cls.kind, "builder": spec["builder"],
+                                         "folds": fold_files(spec["name"], n_folds, "model.joblib"),
+                                         "features": [[f, keys[f]] for f in feats]}
 
     @classmethod
     def features(cls, entry):
@@ -189,18 +253,26 @@ class HandcraftedPredictor(Level1Predictor):
         return out
 
 
-def source_entry(cfg: dict, work: WorkDir, source: str, n_folds: int) -> dict:
-    """How a model on embeddings gets them for a new clip: the source model's feature, its
-    patch length, normalisation and batch size (as :func:`pipeline.embedding_store.compute_embeddings`
-    embeds clips), its fold models (the extractors) and the embeddings store the run wrote."""
-    from pipeline.config import model_config
-    from pipeline.embedding_store import open_embedding_store
-    store = open_embedding_store(cfg, work, source)
-    spec = model_config(cfg, source)
-    return {"model": source, "feature": [store.source_store.name, store.source_store.key],
-            "patch": int(spec["window"]), "normalize": bool(spec["normalize"]),
+def source_entry(cfg: dict, work: WorkDir, source: str, key: str, n_folds: int) -> dict | None:
+    """How a model on embeddings gets them for a new clip, from the embeddings store
+    ``features/embeddings-<source>-<key>/`` the run wrote (its params.json: the source's
+    feature cache, patch length and normalisation, as
+    :func:`pipeline.embedding_store.compute_embeddings` embedded the clips), the source's
+    batch size and its fold models (the extractors); None when that store is not there."""
+    from pipeline.workdir import read_json
+    params = (read_json(feature_dir(work.root, f"embeddings-{source}", key) / "params.json") or {}).get("feature")
+    if not params:
+        return None
+    spec = model_specs(cfg, source)[-1]
+    return {"model": source, "feature": [params["source_feature"], params["source_feature_key"]],
+            "patch": int(params["patch"]), "normalize": bool(params["normalize"]),
             "batch_size": int(spec["train"].get("eval_batch_size", 128)),
-            "folds": fold_files(source, n_folds, "best.keras"), "store": [store.name, store.key]}
+            "folds": fold_files(source, n_folds, "best.keras"), "store": [f"embeddings-{source}", key]}
+
+
+def embedding_keys(cfg: dict, work: WorkDir, source: str) -> list[str]:
+    from pipeline.embedding_store import open_embedding_store
+    return input_keys(lambda: open_embedding_store(cfg, work, source).key, work, f"embeddings-{source}")
 
 
 def source_files(src: dict) -> list[str]:
@@ -245,18 +317,16 @@ class EmbeddingPredictor(Level1Predictor):
         return bool(spec.get("embeddings_from"))
 
     @classmethod
-    def store_key(cls, cfg, work, spec):
-        from pipeline.embedding_store import open_embedding_store
-        return open_embedding_store(cfg, work, spec["embeddings_from"]).key
-
-    @classmethod
-    def entry(cls, cfg, work, spec, n_folds):
+    def candidates(cls, cfg, work, spec, n_folds):
         from pipeline.trainer import eval_window_hop
         window, hop = eval_window_hop(spec)
-        return {"kind": cls.kind, "builder": spec["builder"], "folds": fold_files(spec["name"], n_folds, "best.keras"),
-                "window": window, "hop": hop, "normalize": bool(spec["normalize"]),
-                "batch_size": int(spec["train"]["eval_batch_size"]),
-                "source": source_entry(cfg, work, spec["embeddings_from"], n_folds)}
+        for key in embedding_keys(cfg, work, spec["embeddings_from"]):
+            source = source_entry(cfg, work, spec["embeddings_from"], key, n_folds)
+            if source is not None:
+                yield key, {"kind": cls.kind, "builder": spec["builder"],
+                            "folds": fold_files(spec["name"], n_folds, "best.keras"), "window": window, "hop": hop,
+                            "normalize": bool(spec["normalize"]), "batch_size": int(spec["train"]["eval_batch_size"]),
+                            "source": source}
 
     @classmethod
     def features(cls, entry):
@@ -303,17 +373,15 @@ class HierarchicalPredictor(Level1Predictor):
         return is_hierarchical(spec)
 
     @classmethod
-    def store_key(cls, cfg, work, spec):
-        from pipeline.embedding_store import open_embedding_store
+    def candidates(cls, cfg, work, spec, n_folds):
         from pipeline.hierarchical import stores_key
-        return stores_key({src: open_embedding_store(cfg, work, src) for src in spec["hierarchy"]["sources"]})
-
-    @classmethod
-    def entry(cls, cfg, work, spec, n_folds):
         sources = list(spec["hierarchy"]["sources"])
-        return {"kind": cls.kind, "builder": spec["builder"],
-                "folds": [[f"models/{spec['name']}/fold{k}/{src}.keras" for src in sources] for k in range(n_folds)],
-                "sources": [source_entry(cfg, work, src, n_folds) for src in sources]}
+        folds = [[f"models/{spec['name']}/fold{k}/{src}.keras" for src in sources] for k in range(n_folds)]
+        for keys in combinations({src: embedding_keys(cfg, work, src) for src in sources}):
+            entries = [source_entry(cfg, work, src, keys[src], n_folds) for src in sources]
+            if all(e is not None for e in entries):  # stores_key reads each store's key only
+                yield (stores_key({src: SimpleNamespace(key=k) for src, k in keys.items()}),
+                       {"kind": cls.kind, "builder": spec["builder"], "folds": folds, "sources": entries})
 
     @classmethod
     def features(cls, entry):
@@ -354,16 +422,15 @@ class NetworkPredictor(Level1Predictor):
         return bool(spec.get("feature")) and spec.get("builder") in models.BUILDERS
 
     @classmethod
-    def store_key(cls, cfg, work, spec):
-        return feature_stores(work, cfg, [spec["feature"]])[spec["feature"]].key
-
-    @classmethod
-    def entry(cls, cfg, work, spec, n_folds):
+    def candidates(cls, cfg, work, spec, n_folds):
         from pipeline.trainer import eval_window_hop
         window, hop = eval_window_hop(spec)
-        return {"kind": cls.kind, "builder": spec["builder"], "folds": fold_files(spec["name"], n_folds, "best.keras"),
-                "feature": [spec["feature"], cls.store_key(cfg, work, spec)], "window": window, "hop": hop,
-                "normalize": bool(spec["normalize"]), "batch_size": int(spec["train"]["eval_batch_size"])}
+        feat = spec["feature"]
+        for key in input_keys(lambda: feature_stores(work, cfg, [feat])[feat].key, work, feat):
+            yield key, {"kind": cls.kind, "builder": spec["builder"],
+                        "folds": fold_files(spec["name"], n_folds, "best.keras"), "feature": [feat, key],
+                        "window": window, "hop": hop, "normalize": bool(spec["normalize"]),
+                        "batch_size": int(spec["train"]["eval_batch_size"])}
 
     @classmethod
     def features(cls, entry):

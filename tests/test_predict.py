@@ -135,6 +135,32 @@ def test_other_final_entries(run, tmp_path, final):
     assert Tagger.load(work, progress=False).predict([]).shape == (0, 3 + len(run["data"].classes))
 
 
+def test_a_run_stays_taggable_when_the_code_keys_its_caches_or_settings_differently(run, monkeypatch, caplog):
+    """Code that changed after the run (a new feature setting, a new embeddings version, a new
+    training setting) computes other cache keys and settings than the ones the folds were
+    fingerprinted with; the caches on disk and the settings as logged still identify them."""
+    import pipeline.cache as cache
+    import pipeline.config as config
+    import pipeline.embedding_store as es
+    from pipeline.tagger import Tagger
+    key_params, model_config = cache.feature_key_params, config.model_config
+    monkeypatch.setattr(cache, "feature_key_params", lambda spec, audio: {**key_params(spec, audio), "new": 1})
+    monkeypatch.setattr(es, "EMBEDDINGS_VERSION", es.EMBEDDINGS_VERSION + 100)
+
+    def new_training_setting(cfg, model):
+        spec = model_config(cfg, model)
+        spec["train"]["new_setting"] = 0.5
+        return spec
+    monkeypatch.setattr(config, "model_config", new_training_setting)
+    caplog.set_level("WARNING")
+    data = run["data"]
+    tagger = Tagger.load(run["work"], progress=False)
+    assert "keys these settings as" in caplog.text
+    got = tagger.predict([data.path("test", f) for f in data.test_fnames], list(data.test_fnames))
+    want = pd.read_csv(run["work"] / "stacking" / "final_test.csv", dtype={"fname": str})
+    assert np.abs(_probs(got, want["fname"], data.classes) - want[data.classes].to_numpy()).max() < 1e-5
+
+
 # ---------------------------------------------------------------------------
 # bad files, unfinished runs
 def test_a_bad_file_among_good_ones_gets_its_error_and_the_prior(run, tmp_path, caplog):
