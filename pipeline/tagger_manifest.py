@@ -69,7 +69,9 @@ def load_manifest(path, model: str | None = None) -> dict:
                         "makes one) or an exported tagger (python -m pipeline.export)")
     if not path.is_dir():
         raise UserError(f"{path}: not a folder: pass a finished work directory or an exported tagger")
-    manifest = read_export(path) if is_export(path) else resolve_work_dir(path)
+    if not is_export(path):
+        return resolve_work_dir(path, model)
+    manifest = read_export(path)
     return single_model(manifest, model) if model else manifest
 
 
@@ -262,8 +264,10 @@ def run_scores(work: WorkDir, summary: dict, models: list[str]) -> dict:
             "table": table, "models": per_model}
 
 
-def resolve_work_dir(path: Path) -> dict:
-    """The manifest of the finished run in work directory ``path`` (nothing is written there)."""
+def resolve_work_dir(path: Path, model: str | None = None) -> dict:
+    """The manifest of the finished run in work directory ``path`` (nothing is written there);
+    with ``model``, of a tagger of that one trained model (stacked or not, used by the final
+    learner or not)."""
     from pipeline.cv import load_folds
     from stacking.level2 import load_final_learner
 
@@ -281,9 +285,10 @@ def resolve_work_dir(path: Path) -> dict:
         raise UserError(f"{work.root / LEARNER_FILE} does not belong to the stack in {summary_path}: rerun "
                         f"`python -m stacking.stack --work {work.root}`")
     used = used_models(record)
+    wanted = [model] if model else used
     files = (summary.get("fingerprint") or {}).get("files", {})
-    for m in used:
-        if content_hash(work.test_csv(m)) != files.get(f"{m}_test"):
+    for m in wanted:
+        if m in record["models"] and content_hash(work.test_csv(m)) != files.get(f"{m}_test"):
             raise UserError(f"{m!r} changed since the stack was made (its test table differs): rerun "
                             f"`python -m stacking.stack --work {work.root}`")
     folds = load_folds(work)
@@ -292,14 +297,15 @@ def resolve_work_dir(path: Path) -> dict:
         raise UserError(f"{work.logs_dir} holds no logged settings (<run id>/<stage>.config.yaml): the tagger needs "
                         "them to find each model's settings; rerun the run's stages (finished work is skipped)")
     classes = list(record["classes"])
-    entries = {m: resolve_model(work, m, configs, folds, classes) for m in used}
+    entries = {m: resolve_model(work, m, configs, folds, classes) for m in wanted}
     final = {"name": record["final"], "kind": record["kind"],
              "learner": None if record["learner"] is None else LEARNER_FILE,
              "models": list(record["models"]), "used": used,
              "mfcc": record["mfcc"] if needs_extra_columns(record) else None}
     prior = np.asarray(record["prior"], dtype=np.float64)
-    return {"format": TAGGER_FORMAT, "classes": classes, "prior": [float(v) for v in prior], "final": final,
-            "models": entries, "scores": run_scores(work, summary, list(record["models"]))}
+    manifest = {"format": TAGGER_FORMAT, "classes": classes, "prior": [float(v) for v in prior], "final": final,
+                "models": entries, "scores": run_scores(work, summary, list(record["models"]))}
+    return single_model(manifest, model) if model else manifest
 
 
 def manifest_files(manifest: dict) -> list[str]:

@@ -133,6 +133,11 @@ def test_other_final_entries(run, tmp_path, final):
     assert json.loads((work / "stacking" / "summary.json").read_text())["final"] == final
     from pipeline.tagger import Tagger
     assert Tagger.load(work, progress=False).predict([]).shape == (0, 3 + len(run["data"].classes))
+    if final == "stats_lr":  # a model the final entry does not use can still be tagged with alone
+        out = tmp_path / "mla.csv"
+        assert _predict("--work", str(work), "--model", "mla", "--audio-dir", str(run["data"].root / "audio_test"),
+                        "--out", str(out)) == 0
+        _check_reproduces(out, work / "predictions" / "mla_test.csv", run["data"].classes)
 
 
 def test_a_run_stays_taggable_when_the_code_keys_its_caches_or_settings_differently(run, monkeypatch, caplog):
