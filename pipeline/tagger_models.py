@@ -53,28 +53,28 @@ log = logging.getLogger("tagger")
 
 def model_specs(cfg: dict, model: str) -> list[dict]:
     """Model ``model``'s settings (:func:`pipeline.config.model_config`) as the stage that logged
-    ``cfg`` may have computed them: with today's schema, and as logged, the model's training
-    overrides merged over the logged training section without validating them again (the
-    logged config holds every default of the code that wrote it; today's schema may add
-    settings, or coerce values, the run's fingerprint never saw). Empty when ``cfg`` does
-    not define the model."""
+    ``cfg`` may have computed them: with today's code, then with today's code but the training
+    section as logged (the model's overrides merged over the logged training section, not
+    validated again: the logged config holds every default of the code that wrote it, and
+    today's schema may add settings, or coerce values, the run's fingerprint never saw), then
+    entirely as logged (when today's code refuses the entry). Empty when ``cfg`` does not
+    define the model."""
     import copy
 
-    from pipeline.config import ConfigError, deep_merge, model_config
+    from pipeline.config import deep_merge, model_config
     entry = (cfg.get("models") or {}).get(model)
     if not isinstance(entry, dict):
         return []
-    out = []
+    logged_train = deep_merge(cfg.get("training") or {}, entry.get("train") or {})
     try:
-        out.append(model_config(cfg, model))
-    except (ConfigError, KeyError, TypeError, ValueError):
-        pass
-    logged = copy.deepcopy(entry)
-    logged["train"] = deep_merge(cfg.get("training") or {}, entry.get("train") or {})
-    logged["builder"] = logged.get("builder") or model
-    logged.setdefault("params", {})
-    logged["name"] = model
-    return out if out and out[0] == logged else out + [logged]
+        today = model_config(cfg, model)
+    except Exception:  # settings today's code refuses
+        logged = copy.deepcopy(entry)
+        logged.update(train=logged_train, builder=entry.get("builder") or model, name=model)
+        logged.setdefault("params", {})
+        return [logged]
+    specs = [today, {**today, "train": logged_train}]
+    return specs[:1] if specs[0] == specs[1] else specs
 
 
 def fold_files(model: str, n_folds: int, filename: str) -> list[str]:
