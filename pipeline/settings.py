@@ -268,6 +268,14 @@ class Training(Section):
     callbacks: list[dict[str, Any]] = []
     """extra Keras callbacks per fold: [{class: CSVLogger or pkg.module.Class, args: {...}}]; "{fold_dir}" in a
     string argument is the fold's folder"""
+    loader_workers: int | None = Field(None, ge=0, le=64)
+    """workers making batches ahead of the step (training and sliding-window prediction); 0: each batch made in
+    the loop when its step comes; null: one per core beyond one, at most 8 (results never depend on it)"""
+    prefetch_batches: int | None = Field(None, ge=1, le=256)
+    """batches made ahead at most (the prefetch queue's bound; null: 2 x loader_workers)"""
+    loader_kind: Literal["auto", "thread", "process"] = "auto"
+    """training workers: threads, processes (each with a copy of the batch maker), or auto: threads (measured
+    faster for every feature kind here, README); prediction always uses threads"""
 
     @model_validator(mode="after")
     def _no_mixed_triplets(self):

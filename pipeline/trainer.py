@@ -28,7 +28,6 @@ saved fold model is a single-output probability model whatever the loss.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,26 +36,20 @@ import keras
 import numpy as np
 
 from models import load_model as load_saved_model  # imports custom layers first
-from pipeline.augment import balanced_sample_weights, mixup, smoothed_targets, spec_augment
+from pipeline.batches import (EMBEDDING_OUTPUT, PROBS_OUTPUT, SlidingWindowBatches, TrainRows,  # noqa: F401
+                              WindowBatches)  # (TrainRows, WindowBatches: re-exported, their home was here)
 from pipeline.callbacks import (EPOCH_LOGS, EarlyStop, EpochHistory, EpochLog, FoldCheckpoint, KeepBest,
                                  PlateauLR, ProgressBar, TrainClock, config_callbacks, load_weights, renew_model,
                                  walk_layers)
 from pipeline.config import model_settings, training_settings
 from pipeline.fingerprints import param_hash
 from pipeline.normalize import Normalizer
-from pipeline.losses import EmbeddingTripletLoss, draw_negatives, make_losses, pack_triplet_targets
+from pipeline.losses import EmbeddingTripletLoss, make_losses
 from pipeline.metrics import accuracy, map_at_3
 from pipeline.predictions import EPS, normalize_rows
-from pipeline.sampling import (balanced_batch_size, balanced_order, pairs_batch_size, pairs_order,
-                               policy_for_loss)
-from pipeline.windows import random_window, sliding_windows
+from pipeline.prefetch import Prefetch, loader_options, without_loader_settings
 
 log = logging.getLogger("trainer")
-
-#: the class-probability output of every builder (the softmax head of models/_common.py); a triplet
-#: model's second output is ``EMBEDDING_OUTPUT``
-PROBS_OUTPUT, EMBEDDING_OUTPUT = "predictions", "embedding"
-
 
 def set_determinism(seed: int, strict: bool = False) -> None:
     """Seed every RNG (Python, numpy, backend), so the same config on the same
@@ -70,98 +63,6 @@ def set_determinism(seed: int, strict: bool = False) -> None:
             tf.config.experimental.enable_op_determinism()
         except Exception:  # older TF: best effort
             pass
-
-
-@dataclass
-class TrainRows:
-    """The clips one model trains on, with their (possibly soft) targets."""
-    fnames: list[str]
-    labels: np.ndarray            # int class index
-    epsilon: np.ndarray           # per-row label smoothing
-    verified: np.ndarray          # 0/1, used by loss masking
-    split: str = "train"
-
-
-class WindowBatches:
-    """Random-crop training batches, with augmentation and targets.
-
-    The epoch is set from outside (``set_epoch``) and seeds all randomness,
-    so batches are reproducible and a resumed run continues identically.
-
-    With ``loss: triplet`` a batch's targets are ``{"predictions": y,
-    "embedding": packed}``: ``packed`` holds each row's given class (before
-    smoothing), its row index as the source (two windows of one clip are
-    never a positive pair) and, for ``triplet_strategy: paper``, a negative
-    per row drawn with the batch's seeded numpy generator. Sample weights
-    (``class_weight``) then come as ``{"predictions": w}``: the triplet loss
-    is one value per batch and takes none.
-    """
-
-    def __init__(self, store, rows: TrainRows, n_classes: int, window: int, train_cfg: dict,
-                 normalizer: Normalizer, seed: int):
-        self.store, self.rows, self.n_classes, self.window = store, rows, n_classes, window
-        train_cfg = training_settings(train_cfg)
-        self.cfg, self.normalizer, self.seed = train_cfg, normalizer, seed
-        self.triplet = train_cfg["loss"] == "triplet"
-        self.negatives = self.triplet and train_cfg["triplet_strategy"] == "paper"
-        # batch_policy "balanced": one clip of every class per batch (batch size = classes present);
-        # "pairs": batch_size // 2 classes with two clips each (the triplet loss's default)
-        self.policy = policy_for_loss(train_cfg["batch_policy"], train_cfg["loss"])
-        if self.policy != (train_cfg["batch_policy"] or "unbalanced"):
-            log.info("batch_policy %s: the triplet loss trains on pairs batches instead (two clips of each class)",
-                     train_cfg["batch_policy"] or "null")
-        if self.policy == "balanced":
-            self.batch_size = balanced_batch_size(rows.labels)
-        elif self.policy == "pairs":
-            self.batch_size = pairs_batch_size(rows.labels, int(train_cfg["batch_size"]))
-        else:
-            self.batch_size = int(train_cfg["batch_size"])
-        steps = train_cfg["steps_per_epoch"]
-        self.steps = int(steps) if steps else max(1, math.ceil(len(rows.fnames) / self.batch_size))
-        self.class_weight = (balanced_sample_weights(rows.labels, n_classes)
-                             if train_cfg["class_weight"] == "balanced" else None)
-        self.mask_ratio = train_cfg["loss_masking"]
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        rng = np.random.default_rng([self.seed, epoch])
-        if self.policy == "balanced":
-            self.order = balanced_order(self.rows.labels, self.steps, rng)
-            return
-        if self.policy == "pairs":
-            self.order = pairs_order(self.rows.labels, self.steps, self.batch_size, rng)
-            return
-        n_draw = self.steps * self.batch_size
-        reps = -(-n_draw // len(self.rows.fnames))
-        self.order = np.concatenate([rng.permutation(len(self.rows.fnames)) for _ in range(reps)])[:n_draw]
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, idx: int):
-        rng = np.random.default_rng([self.seed, self.epoch, idx, 1])
-        pick = self.order[idx * self.batch_size:(idx + 1) * self.batch_size]
-        x = np.stack([random_window(self.store.load(self.rows.split, self.rows.fnames[i]), self.window, rng)
-                      for i in pick])
-        x = self.normalizer(x)
-        y = smoothed_targets(self.rows.labels[pick], self.n_classes, self.rows.epsilon[pick])
-        verified = self.rows.verified[pick].astype(np.float32)
-        sa = self.cfg["spec_augment"]
-        if sa and x.ndim >= 3 and x.shape[2] > 1:
-            x = spec_augment(x, rng, **sa)
-        x, y, verified = mixup(x, y, float(self.cfg["mixup_alpha"] or 0.0), rng, verified)
-        if self.mask_ratio is not None:
-            y = np.concatenate([y, verified[:, None]], axis=1)
-        if self.triplet:
-            negatives = draw_negatives(self.rows.labels[pick], rng) if self.negatives else None
-            y = {PROBS_OUTPUT: y, EMBEDDING_OUTPUT: pack_triplet_targets(self.rows.labels[pick], pick, negatives)}
-            if self.class_weight is not None:
-                return x, y, {PROBS_OUTPUT: self.class_weight[pick]}
-            return x, y
-        if self.class_weight is not None:
-            return x, y, self.class_weight[pick]
-        return x, y
 
 
 def _probs_index(model) -> int:
@@ -217,37 +118,34 @@ def predict_fixed_batches(model, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def predict_clips(model, store, split: str, fnames: list[str], window: int, hop: int,
-                  normalizer: Normalizer, batch_size: int = 128, max_windows: int = 4096) -> np.ndarray:
+                  normalizer: Normalizer, batch_size: int = 128, max_windows: int = 4096, *,
+                  workers: int = 0, depth: int | None = None) -> np.ndarray:
     """Clip-level probabilities: every clip's sliding windows, predicted in
-    large batches across clips, combined per clip by geometric mean."""
+    large batches across clips, combined per clip by geometric mean.
+
+    The model batches are :class:`pipeline.batches.SlidingWindowBatches`: a
+    group of clips' windows (``max_windows`` or more) cut into fixed-shape
+    batches of ``batch_size`` (the last padded), so the compiled predict
+    function is traced once. With ``workers`` > 0, that many threads read,
+    cut and normalise the next batches (at most ``depth`` ahead) while the
+    model predicts; the batches, and so the result, are the same with any
+    number (0: each batch is made when the model needs it). A clip that
+    cannot be read raises an error naming it."""
     out = np.zeros((len(fnames), n_outputs_classes(model)), dtype=np.float64)
-    pending, owners, first = [], [], 0
-
-    def flush(upto: int):
-        nonlocal pending, owners, first
-        if not pending:
-            return
-        x = normalizer(np.concatenate(pending))
-        probs = predict_fixed_batches(model, x, batch_size)
-        logp = np.log(np.clip(probs.astype(np.float64), EPS, 1.0))
-        owner = np.concatenate(owners)
-        sums = np.zeros((upto - first, logp.shape[1]))
-        np.add.at(sums, owner - first, logp)
-        counts = np.bincount(owner - first, minlength=upto - first)[:, None]
-        mean = sums / counts
-        out[first:upto] = np.exp(mean - mean.max(axis=1, keepdims=True))
-        pending, owners, first = [], [], upto
-
-    n_pending = 0
-    for i, fname in enumerate(fnames):
-        wins = sliding_windows(store.load(split, fname), window, hop)
-        pending.append(wins)
-        owners.append(np.full(len(wins), i))
-        n_pending += len(wins)
-        if n_pending >= max_windows:
-            flush(i + 1)
-            n_pending = 0
-    flush(len(fnames))
+    batches = SlidingWindowBatches(store, split, fnames, window, hop, normalizer, batch_size, max_windows)
+    sums = None
+    with Prefetch(batches, workers, depth, kind="thread", name="predict") as loader:
+        for i, x in enumerate(loader.map(range(len(batches)))):
+            _, n_real, (first, end), last = batches.plan[i]
+            probs = np.asarray(class_probabilities(model, model.predict_on_batch(x)))[:n_real]
+            logp = np.log(np.clip(probs.astype(np.float64), EPS, 1.0))
+            if sums is None:  # the first batch of a group of clips
+                sums = np.zeros((end - first, logp.shape[1]))
+            np.add.at(sums, batches.owners[i] - first, logp)  # in window order, as over the whole group
+            if last:
+                mean = sums / batches.counts[first:end, None]
+                out[first:end] = np.exp(mean - mean.max(axis=1, keepdims=True))
+                sums = None
     return normalize_rows(out)
 
 
@@ -275,7 +173,8 @@ def fresh_model(spec: dict, input_shape: tuple, n_classes: int, cache: dict | No
     cache key, so a fold whose alphas differ compiles its own model."""
     losses, _ = compile_losses(spec, n_classes, class_counts)
     key = param_hash({"builder": spec["builder"], "params": spec["params"], "shape": list(input_shape),
-                      "classes": n_classes, "train": spec["train"], "losses": _loss_settings(losses)})
+                      "classes": n_classes, "train": without_loader_settings(spec["train"]),
+                      "losses": _loss_settings(losses)})
     if cache is None or key not in cache:
         model = build_compiled(spec, input_shape, n_classes, class_counts)
         if cache is not None:
@@ -299,7 +198,7 @@ def sample_weights(model, batch):
 
 
 def _run_epochs(model, batches: "WindowBatches", callbacks, first: int, epochs: int, evaluate, val_labels,
-                current_lr) -> None:
+                current_lr, loader: Prefetch | None = None) -> None:
     """Epochs ``first`` .. ``epochs - 1`` of one fold: seed the epoch's
     batches, train on every batch, evaluate the held-out clips (clip-level
     MAP@3), and let the callbacks act on the epoch's logs (``loss``,
@@ -308,7 +207,12 @@ def _run_epochs(model, batches: "WindowBatches", callbacks, first: int, epochs: 
 
     Batches go through ``train_on_batch`` rather than ``fit``: measured here,
     ``fit`` on a PyDataset ran at half the speed (73 vs 152 samples/s for
-    cnn_ref) and kept a core busy between batches."""
+    cnn_ref) and kept a core busy between batches. ``loader`` (a
+    :class:`pipeline.prefetch.Prefetch` over ``batches``) makes the epoch's
+    batches ahead of the step in its workers; without one (or with 0
+    workers) each batch is made here when its step comes. Either way batch
+    ``i`` of epoch ``e`` is ``batches.make(e, i)``."""
+    loader = loader if loader is not None else Prefetch(batches, 0)
     model.stop_training = False
     callbacks.on_train_begin()
     logs: dict = {}
@@ -316,12 +220,16 @@ def _run_epochs(model, batches: "WindowBatches", callbacks, first: int, epochs: 
         batches.set_epoch(epoch)
         callbacks.on_epoch_begin(epoch)
         losses = []
-        for i in range(len(batches)):
-            callbacks.on_train_batch_begin(i)
-            batch = batches[i]
-            loss = model.train_on_batch(*batch[:2], sample_weight=sample_weights(model, batch))
-            losses.append(float(np.asarray(loss if np.ndim(loss) == 0 else loss[0])))
-            callbacks.on_train_batch_end(i, {"loss": losses[-1]})
+        made = loader.map((epoch, i) for i in range(len(batches)))  # starts on the first next()
+        try:
+            for i in range(len(batches)):
+                callbacks.on_train_batch_begin(i)
+                batch = next(made)
+                loss = model.train_on_batch(*batch[:2], sample_weight=sample_weights(model, batch))
+                losses.append(float(np.asarray(loss if np.ndim(loss) == 0 else loss[0])))
+                callbacks.on_train_batch_end(i, {"loss": losses[-1]})
+        finally:
+            made.close()  # nothing of this epoch stays queued (an exception: the caller closes the workers)
         val_probs = evaluate(model)
         values = (float(np.mean(losses)), map_at_3(val_labels, val_probs), accuracy(val_labels, val_probs),
                   current_lr())
@@ -415,34 +323,46 @@ def train_fold(spec: dict, store, rows: TrainRows, val_fnames: list[str], val_la
 
     # the batches first: a batch policy the loss cannot train with fails before the model compiles
     batches = WindowBatches(store, rows, n_classes, window, tcfg, normalizer, seed=seed * 1000 + fold)
-    class_counts = np.bincount(np.asarray(rows.labels, dtype=int), minlength=n_classes)
-    set_determinism(seed * 1000 + fold, strict=bool(tcfg["strict_determinism"]))
-    model = fresh_model(spec, input_shape, n_classes, model_cache, class_counts=class_counts)
-    eval_bs = int(tcfg["eval_batch_size"])
-    epochs = int(tcfg["epochs"])
+    # how batches are made (workers, queue depth, threads or processes): never what they hold
+    loading = loader_options(tcfg, getattr(store, "kind", None))
+    workers, depth = loading["workers"], loading["depth"]
+    # the workers live for the fold; an exception or Ctrl-C stops them before it propagates, and the
+    # checkpoint of the last finished epoch (written at its end) is left as it was
+    with Prefetch(batches, workers, depth, kind=loading["kind"], name=f"{spec['name']}-fold{fold}") as loader:
+        if loading["kind"] == "process":
+            loader.start()  # worker processes start (import numpy and the store's modules) while the model builds
+        class_counts = np.bincount(np.asarray(rows.labels, dtype=int), minlength=n_classes)
+        set_determinism(seed * 1000 + fold, strict=bool(tcfg["strict_determinism"]))
+        model = fresh_model(spec, input_shape, n_classes, model_cache, class_counts=class_counts)
+        eval_bs = int(tcfg["eval_batch_size"])
+        epochs = int(tcfg["epochs"])
 
-    keep_best = KeepBest(out_dir / "best.weights.npz")
-    plateau = PlateauLR(float(tcfg["lr"]), factor=float(tcfg["lr_factor"]),
-                        patience=int(tcfg["lr_patience"]), min_lr=float(tcfg["min_lr"]))
-    stop = EarlyStop(int(tcfg["early_stop_patience"]), label=label)
-    history = EpochHistory(out_dir / "history.csv")
-    clock = TrainClock(batches.batch_size)
-    checkpoint = FoldCheckpoint(out_dir, fingerprint, [keep_best, plateau, stop, history, clock],
-                                kept=[keep_best.path, out_dir / "best.keras"])
-    callbacks = keras.callbacks.CallbackList(
-        [keep_best, plateau, EpochLog(label, keep_best, plateau), stop, clock, ProgressBar(label, progress),
-         history, *extra, checkpoint],  # the checkpoint last: it records what the others decided
-        model=model, epochs=epochs, steps=len(batches), verbose=0)
-    if checkpoint.resume() and not checkpoint.finished:
-        log.info("%s: resuming after epoch %d (best MAP@3 %.4f)", out_dir, checkpoint.epoch + 1, keep_best.best)
-    if not checkpoint.finished:
-        _run_epochs(model, batches, callbacks, checkpoint.epoch + 1, epochs,
-                    evaluate=lambda m: predict_clips(m, store, val_split, val_fnames, window, hop, normalizer,
-                                                     eval_bs),
-                    val_labels=val_labels, current_lr=lambda: plateau.lr)
-        checkpoint.finish()
-    else:  # training finished in an earlier run: its table may not have been written
-        history.write()
+        keep_best = KeepBest(out_dir / "best.weights.npz")
+        plateau = PlateauLR(float(tcfg["lr"]), factor=float(tcfg["lr_factor"]),
+                            patience=int(tcfg["lr_patience"]), min_lr=float(tcfg["min_lr"]))
+        stop = EarlyStop(int(tcfg["early_stop_patience"]), label=label)
+        history = EpochHistory(out_dir / "history.csv")
+        clock = TrainClock(batches.batch_size)
+        checkpoint = FoldCheckpoint(out_dir, fingerprint, [keep_best, plateau, stop, history, clock],
+                                    kept=[keep_best.path, out_dir / "best.keras"])
+        callbacks = keras.callbacks.CallbackList(
+            [keep_best, plateau, EpochLog(label, keep_best, plateau), stop, clock, ProgressBar(label, progress),
+             history, *extra, checkpoint],  # the checkpoint last: it records what the others decided
+            model=model, epochs=epochs, steps=len(batches), verbose=0)
+        if checkpoint.resume() and not checkpoint.finished:
+            log.info("%s: resuming after epoch %d (best MAP@3 %.4f)", out_dir, checkpoint.epoch + 1,
+                     keep_best.best)
+        if not checkpoint.finished:
+            if workers:
+                log.info("%s: %d %s worker(s) make batches ahead (at most %d queued)", label, workers,
+                         loading["kind"], depth)
+            _run_epochs(model, batches, callbacks, checkpoint.epoch + 1, epochs,
+                        evaluate=lambda m: predict_clips(m, store, val_split, val_fnames, window, hop, normalizer,
+                                                         eval_bs, workers=workers, depth=depth),
+                        val_labels=val_labels, current_lr=lambda: plateau.lr, loader=loader)
+            checkpoint.finish()
+        else:  # training finished in an earlier run: its table may not have been written
+            history.write()
 
     best = model  # predicts its class probabilities (predict_clips), whatever its outputs
     if (out_dir / "best.weights.npz").exists():
@@ -450,14 +370,18 @@ def train_fold(spec: dict, store, rows: TrainRows, val_fnames: list[str], val_la
         probability_model(best).save(out_dir / "best.keras")  # the kept model, in Keras' format
     else:  # finished and saved in an earlier run, which stopped before its summary
         best = load_saved_model(out_dir / "best.keras")
+
+    def predict(fnames: list[str], split: str) -> np.ndarray:
+        return predict_clips(best, store, split, fnames, window, hop, normalizer, eval_bs, workers=workers,
+                             depth=depth)
+
     if heldout_fnames is None or list(heldout_fnames) == list(val_fnames):
-        oof = predict_clips(best, store, val_split, val_fnames, window, hop, normalizer, eval_bs)
+        oof = predict(val_fnames, val_split)
         val_probs = oof
     else:
-        oof = predict_clips(best, store, val_split, list(heldout_fnames), window, hop, normalizer, eval_bs)
-        val_probs = predict_clips(best, store, val_split, val_fnames, window, hop, normalizer, eval_bs)
-    test = (predict_clips(best, store, test_split, test_fnames, window, hop, normalizer, eval_bs)
-            if test_fnames else None)
+        oof = predict(list(heldout_fnames), val_split)
+        val_probs = predict(val_fnames, val_split)
+    test = predict(test_fnames, test_split) if test_fnames else None
     summary = {
         "fold": fold, "fingerprint": fingerprint, "best_epoch": keep_best.best_epoch + 1,
         "epochs_run": checkpoint.epoch + 1, "val_map3": map_at_3(val_labels, val_probs),
@@ -481,7 +405,16 @@ def fold_fingerprint(spec: dict, store_key: str, labels_hash: str, folds_hash: s
     """Everything a fold's result depends on; a change retrains the fold:
     the model's settings, the feature cache's key, the training labels and
     smoothing, folds.csv, the seed, the backend, and ``data_hash`` (the
-    clips' audio identity, the class list and the test clips in order)."""
+    clips' audio identity, the class list and the test clips in order).
+
+    Not the loader settings (``loader_workers``, ``prefetch_batches``,
+    ``loader_kind``: :data:`pipeline.prefetch.LOADER_SETTINGS`): they decide
+    how batches are made, not what they hold (every batch is seeded by
+    (seed, fold, epoch, index); tests/test_prefetch.py shows identical fold
+    results with 0, 1 and several workers), so changing them must not
+    retrain anything -- and a work directory trained before they existed
+    keeps its fingerprints."""
+    spec = {**spec, "train": without_loader_settings(spec["train"])} if "train" in spec else spec
     return param_hash({"spec": spec, "feature": store_key, "labels": labels_hash, "folds": folds_hash,
                        "seed": seed, "data": data_hash, "backend": keras.backend.backend()}, 16)
 

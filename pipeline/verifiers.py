@@ -16,6 +16,7 @@ import pandas as pd
 
 from pipeline.config import ConfigError, verifier_config
 from pipeline.fingerprints import param_hash
+from pipeline.prefetch import without_loader_settings
 from pipeline.predictions import geometric_mean, probs_frame, read_table, write_table
 from pipeline.workdir import WorkDir, atomic_write_json, atomic_write_npy, read_json
 
@@ -90,7 +91,10 @@ class FoldVerifiers:
             raise ConfigError(f"pseudo_label.mode self_verify predicts random crops; handcrafted verifier(s) "
                               f"{handcrafted} read whole clips: use mode verify or network verifiers")
         self.data_hash = data_hash
-        self.fingerprint = param_hash({"specs": self.specs, "stores": {v: st.key for v, st in self.stores.items()},
+        # the loader settings decide how batches are made, not what they hold: no fingerprint has them
+        # (pipeline.trainer.fold_fingerprint)
+        specs = {v: {**spec, "train": without_loader_settings(spec["train"])} for v, spec in self.specs.items()}
+        self.fingerprint = param_hash({"specs": specs, "stores": {v: st.key for v, st in self.stores.items()},
                                        "seed": self.seed, "data": data_hash, "crops": int(s["crops"]) if self.want_crops else None}, 16)
 
     def __call__(self, iteration: int, train_df: pd.DataFrame, pool_df: pd.DataFrame, iter_dir: Path):
