@@ -151,7 +151,9 @@ def _decode(path: Path, raw: bytes) -> str:
                            f"(e.g. iconv -f latin1 -t utf-8)") from None
 
 
-def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
+def read_csv_table(path: Path, required: list[str]) -> pd.DataFrame:
+    """A dataset CSV (fname as text) with its ``required`` columns; a bad file or row is one DatasetError naming
+    the file and line."""
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
     try:
@@ -194,7 +196,8 @@ def _case_twin(folder: Path) -> Path | None:
     return None
 
 
-def _check_fnames(df: pd.DataFrame, path: Path, audio_dir: Path | None) -> None:
+def check_fnames(df: pd.DataFrame, path: Path, audio_dir: Path | None) -> None:
+    """Refuse blank or duplicated fnames (and, with ``audio_dir``, a missing folder or files), naming the CSV line."""
     blank = df.index[df["fname"] == ""]
     if len(blank):
         raise DatasetError(f"{path}: line {_line(blank[0])}: empty fname")
@@ -261,7 +264,7 @@ def _check_usage(df: pd.DataFrame, path: Path) -> pd.Series:
 
 
 def _read_train(train_csv: Path, audio_dir: Path | None) -> tuple[pd.DataFrame, list[str]]:
-    train = _read_csv(train_csv, ["fname", "label"])
+    train = read_csv_table(train_csv, ["fname", "label"])
     _check_labels(train, train_csv)
     if "manually_verified" in train.columns:
         bad = ~train["manually_verified"].isin(["0", "1"])
@@ -279,7 +282,7 @@ def _read_train(train_csv: Path, audio_dir: Path | None) -> tuple[pd.DataFrame, 
         raise DatasetError(f"{train_csv}: lines 2-{last}: needs at least {MIN_CLASSES} classes (a submission row "
                            f"lists {MIN_CLASSES} distinct labels), found {len(classes)}: {classes}; "
                            f"add clips of more classes")
-    _check_fnames(train, train_csv, audio_dir)
+    check_fnames(train, train_csv, audio_dir)
     return train[["fname", "label", "manually_verified"]].reset_index(drop=True), classes
 
 
@@ -365,8 +368,8 @@ def load_dataset(root: str | Path, check_files: bool = True) -> Dataset:
 
     test_labels = test_usage = labels_csv = None
     if spec.labels_csv is None:      # zenodo: the scoring clips are the test set and hold its labels
-        test = _read_csv(test_csv, ["fname", "label", "usage"])
-        _check_fnames(test, test_csv, test_dir if check_files else None)
+        test = read_csv_table(test_csv, ["fname", "label", "usage"])
+        check_fnames(test, test_csv, test_dir if check_files else None)
         _check_labels(test, test_csv)
         _check_known(test, test_csv, classes, train_csv)
         test_usage = _check_usage(test, test_csv)
@@ -374,13 +377,13 @@ def load_dataset(root: str | Path, check_files: bool = True) -> Dataset:
         test_labels = test[["fname", "label"]].reset_index(drop=True)
         labels_csv = test_csv
     else:
-        sub = _read_csv(test_csv, ["fname"])
-        _check_fnames(sub, test_csv, test_dir if check_files else None)
+        sub = read_csv_table(test_csv, ["fname"])
+        check_fnames(sub, test_csv, test_dir if check_files else None)
         test_fnames = sub["fname"].tolist()
         if paths["labels_csv"].is_file():
             labels_csv = paths["labels_csv"]
-            lab = _read_csv(labels_csv, ["fname", "label"])
-            _check_fnames(lab, labels_csv, None)
+            lab = read_csv_table(labels_csv, ["fname", "label"])
+            check_fnames(lab, labels_csv, None)
             stray = ~lab["fname"].isin(set(test_fnames))
             if stray.any():
                 idx = lab.index[stray][0]

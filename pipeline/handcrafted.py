@@ -377,7 +377,7 @@ def _sample_weights(verified: np.ndarray, unverified_weight) -> np.ndarray:
     return w
 
 
-def _full_proba(proba: np.ndarray, present: np.ndarray, n_classes: int) -> np.ndarray:
+def full_proba(proba: np.ndarray, present: np.ndarray, n_classes: int) -> np.ndarray:
     """Columns for every class 0..n_classes-1: classes the model never saw
     get EPS, then rows are renormalised."""
     out = np.full((proba.shape[0], n_classes), EPS)
@@ -487,7 +487,7 @@ def train_handcrafted_fold(spec: dict, stores: Mapping[str, FeatureStore], rows:
 
     def predict(split: str, fnames: Sequence[str]) -> np.ndarray:
         Z = clip_statistics_matrix(stores, split, list(fnames), **kw)
-        return _full_proba(model.predict_proba(Z), model.classes_, n_classes)
+        return full_proba(model.predict_proba(Z), model.classes_, n_classes)
 
     oof = predict(val_split, val_fnames)
     test = predict(test_split, test_fnames) if len(test_fnames) else None

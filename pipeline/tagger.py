@@ -293,10 +293,10 @@ def audio_files(audio_dir: Path) -> list[Path]:
 def submission_inputs(sample_csv: Path, files: Sequence[Path] | None, audio_dir: Path | None):
     """(fnames in the sample submission's order, the path of each): from ``audio_dir``, or the
     ``files`` matched by file name. A listed clip with no file gets a row marked missing."""
-    from pipeline.dataset import _check_fnames, _read_csv  # the dataset's CSV reader: line-numbered errors
+    from pipeline.dataset import check_fnames, read_csv_table  # the dataset's CSV reader: line-numbered errors
     sample_csv = Path(sample_csv)
-    df = _read_csv(sample_csv, ["fname"])
-    _check_fnames(df, sample_csv, None)
+    df = read_csv_table(sample_csv, ["fname"])
+    check_fnames(df, sample_csv, None)
     fnames = df["fname"].tolist()
     if audio_dir is not None:
         paths = [Path(audio_dir) / f for f in fnames]

@@ -240,7 +240,7 @@ class HandcraftedPredictor(Level1Predictor):
             self.folds.append(record)
 
     def predict_folds(self, batch):
-        from pipeline.handcrafted import _full_proba, clip_statistics_matrix  # the fold's own probability columns
+        from pipeline.handcrafted import full_proba, clip_statistics_matrix  # the fold's own probability columns
         stores = {name: batch.store((name, key)) for name, key in self.features(self.entry)}
         out = []
         for record in self.folds:
@@ -249,7 +249,7 @@ class HandcraftedPredictor(Level1Predictor):
                                        mfcc_deltas=bool(s["mfcc_deltas"]), delta_width=int(s["delta_width"]),
                                        length=bool(s["length"]))
             model = record["model"]
-            out.append(_full_proba(model.predict_proba(Z), model.classes_, self.n_classes))
+            out.append(full_proba(model.predict_proba(Z), model.classes_, self.n_classes))
         return out
 
 
