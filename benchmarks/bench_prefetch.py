@@ -2,18 +2,20 @@
 machine and on whatever else shares its CPU.
 
     PYTHONPATH=. .venv/bin/python -m benchmarks.bench_prefetch produce [--presets quick full] [--workers 0 1 2]
-        [--kinds thread process] [--models ...] [--seconds 4]
+        [--kinds thread process] [--models ...] [--seconds 2] [--rounds 3]
     PYTHONPATH=. .venv/bin/python -m benchmarks.bench_prefetch train [--preset quick] [--models ...]
-        [--steps 12] [--rounds 3] [--loaders 0 1:thread 1:process]
+        [--steps 8] [--rounds 15] [--loaders 0 1:thread 1:process]
     PYTHONPATH=. .venv/bin/python -m benchmarks.bench_prefetch predict [--preset quick] [--models ...] [--rounds 3]
 
-``produce``: samples/s of training-batch production (``WindowBatches``: random windows, normalisation,
-SpecAugment, mixup, targets, exactly as the trainer makes them) for every network of ``run.models``
-at the preset's shapes, with 0 workers (made inline, today's path), and 1, 2, ... worker threads or
-processes filling the bounded queue (processes: the batch crosses the pipe to this process; startup
-excluded, a fold pays it once). ``train``: the fold loop's samples/s (``train_on_batch`` on batches
-made inline vs ahead by the loader), the loaders interleaved round by round (A B C A B C ...), median
-of the rounds. ``predict``: sliding-window prediction (``predict_clips``) windows/s, inline vs ahead.
+``produce``: samples/s (median of ``--rounds`` interleaved rounds) of training-batch production
+(``WindowBatches``: random windows, normalisation, SpecAugment, mixup, targets, exactly as the
+trainer makes them) for every network of ``run.models`` at the preset's shapes, with 0 workers
+(made inline, today's path), and 1, 2, ... worker threads or processes filling the bounded queue
+(processes: the batch crosses the pipe to this process; startup excluded, a fold pays it once).
+``train``: the fold loop's samples/s (``train_on_batch`` on batches made inline vs ahead by the
+loader), blocks of steps of each loader interleaved round by round (A B C A B C ...), median of the
+rounds and of the per-round ratios to inline.
+``predict``: sliding-window prediction (``predict_clips``) windows/s, inline vs ahead.
 
 The features are synthetic, in a real feature store (sharded ``.npy``, memory-mapped): the
 preset's feature shapes and dtypes, 41 classes x 5 clips of 1-12 s (uniform; FSDKaggle2018's
@@ -124,23 +126,39 @@ def _tasks(batches, first_epoch: int = 0):
     return ((e, i) for e in itertools.count(first_epoch) for i in range(len(batches)))
 
 
-def produce_rate(batches, workers: int, kind: str, seconds: float) -> float:
-    """Samples/s of batches taken from the loader by an idle consumer (steady state)."""
+def _cpu_seconds(loader) -> float:
+    """CPU seconds used so far by this process (every thread) and the loader's worker processes."""
+    total = time.process_time()
+    for worker in getattr(getattr(loader, "_pool", None), "workers", []):
+        try:
+            fields = Path(f"/proc/{worker.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except OSError:
+            pass
+    return total
+
+
+def produce_rate(batches, workers: int, kind: str, seconds: float) -> tuple[float, float]:
+    """(samples/s, samples per CPU-second) of batches taken from the loader by an idle consumer
+    (steady state). The CPU seconds count every thread of this process and the worker processes, so
+    the second figure is what one core makes, whatever else shares the machine."""
     from pipeline.prefetch import Prefetch
     with Prefetch(batches, workers, max(2, 2 * workers), kind=kind) as loader:
         made = loader.map(_tasks(batches))
         for _ in range(max(2, 2 * workers)):  # startup, first orders, page cache
             next(made)
-        n, start = 0, time.perf_counter()
+        n, start, cpu = 0, time.perf_counter(), _cpu_seconds(loader)
         while time.perf_counter() - start < seconds or n < 3:
             next(made)
             n += 1
-        rate = n * batches.batch_size / (time.perf_counter() - start)
+        wall, cpu = time.perf_counter() - start, _cpu_seconds(loader) - cpu
         made.close()
-    return rate
+    samples = n * batches.batch_size
+    return samples / wall, samples / max(cpu, 1e-9)
 
 
 def cmd_produce(args) -> list[dict]:
+    """Per model, every loader measured ``--rounds`` times, interleaved (A B C A B C ...), median kept."""
     from pipeline.config import load_config
     rows = []
     for preset in args.presets:
@@ -148,26 +166,21 @@ def cmd_produce(args) -> list[dict]:
         for name in networks(cfg, args.models):
             spec, store, batches = model_inputs(cfg, name, Path(args.tmp) / preset)
             shape = [int(spec["window"])] + list(store.load("train", batches.rows.fnames[0]).shape[1:])
-            for workers in args.workers:
-                for kind in (["thread"] if workers == 0 else args.kinds):
-                    rate = produce_rate(batches, workers, kind, args.seconds)
-                    row = {"preset": preset, "model": name, "feature": store.kind, "shape": shape,
-                           "dtype": str(store.dtype), "batch": batches.batch_size, "workers": workers,
-                           "kind": "inline" if workers == 0 else kind, "samples_per_s": round(rate, 1)}
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
+            loaders = [(w, k) for w in args.workers for k in (["thread"] if w == 0 else args.kinds)]
+            rates: dict[tuple, list[tuple[float, float]]] = {lo: [] for lo in loaders}
+            for _ in range(args.rounds):
+                for workers, kind in loaders:
+                    rates[(workers, kind)].append(produce_rate(batches, workers, kind, args.seconds))
+            for (workers, kind), values in rates.items():
+                row = {"preset": preset, "model": name, "feature": store.kind, "shape": shape,
+                       "dtype": str(store.dtype), "batch": batches.batch_size, "workers": workers,
+                       "kind": "inline" if workers == 0 else kind,
+                       "samples_per_s": round(statistics.median(v[0] for v in values), 1),
+                       "samples_per_cpu_s": round(statistics.median(v[1] for v in values), 1),
+                       "rounds": [round(v[0]) for v in values]}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     return rows
-
-
-def _train_steps(model, made, steps: int) -> float:
-    from pipeline.trainer import sample_weights
-    start = time.perf_counter()
-    n = 0
-    for _ in range(steps):
-        batch = next(made)
-        model.train_on_batch(*batch[:2], sample_weight=sample_weights(model, batch))
-        n += len(batch[0])
-    return n / (time.perf_counter() - start)
 
 
 def _loaders(specs: list[str]) -> list[tuple[int, str]]:
@@ -179,7 +192,13 @@ def _loaders(specs: list[str]) -> list[tuple[int, str]]:
 
 
 def cmd_train(args) -> list[dict]:
-    """The fold loop's samples/s with batches made inline vs by the loader, interleaved."""
+    """The fold loop's samples/s with batches made inline vs by the loader.
+
+    Paired and interleaved: every round runs a block of ``--steps`` steps with each loader in turn
+    (A B C A B C ...), so a change in the machine's load hits every loader alike; each loader's pool
+    lives for the whole measurement (as for a fold), but each block starts with an empty queue (as an
+    epoch does: its first batch is made while the step waits). Reported: the median over rounds of
+    each block's samples/s, and the median of the per-round ratios to the inline block."""
     from pipeline.config import load_config
     from pipeline.prefetch import Prefetch
     from pipeline.trainer import build_compiled, sample_weights
@@ -188,29 +207,34 @@ def cmd_train(args) -> list[dict]:
     rows = []
     for name in networks(cfg, args.models):
         spec, store, batches = model_inputs(cfg, name, Path(args.tmp) / args.preset)
-        x0 = batches.make(0, 0)
-        model = build_compiled(spec, x0[0].shape[1:], N_CLASSES)
+        model = build_compiled(spec, batches.make(0, 0)[0].shape[1:], N_CLASSES)
         for i in range(2):  # trace the train step
             b = batches.make(0, i)
             model.train_on_batch(*b[:2], sample_weight=sample_weights(model, b))
+        pools = {lo: Prefetch(batches, lo[0], max(2, 2 * lo[0]), kind=lo[1]) for lo in loaders}
         rates: dict[tuple, list[float]] = {lo: [] for lo in loaders}
-        epoch = 1
-        for _ in range(args.rounds):
-            for workers, kind in loaders:  # A B C A B C ...: drifting load hits every loader alike
-                with Prefetch(batches, workers, max(2, 2 * workers), kind=kind) as loader:
-                    loader.start()
-                    made = loader.map(_tasks(batches, epoch))
-                    b = next(made)  # the pool's startup is paid once per fold, not per step
-                    model.train_on_batch(*b[:2], sample_weight=sample_weights(model, b))
-                    rates[(workers, kind)].append(_train_steps(model, made, args.steps))
-                    made.close()
-                epoch += 1
-        base = statistics.median(rates[loaders[0]])
+        task = itertools.count(len(batches))  # flat batch numbers, past the traced ones
+        try:
+            for pool in pools.values():
+                pool.start()
+            for _ in range(args.rounds):
+                for lo in loaders:
+                    tasks = [divmod(next(task), len(batches)) for _ in range(args.steps)]
+                    made = pools[lo].map(tasks)
+                    start, n = time.perf_counter(), 0
+                    for batch in made:
+                        model.train_on_batch(*batch[:2], sample_weight=sample_weights(model, batch))
+                        n += len(batch[0])
+                    rates[lo].append(n / (time.perf_counter() - start))
+        finally:
+            for pool in pools.values():
+                pool.close()
+        base = rates[loaders[0]]
         for (workers, kind), values in rates.items():
-            med = statistics.median(values)
+            ratio = statistics.median(v / b for v, b in zip(values, base))
             row = {"preset": args.preset, "model": name, "batch": batches.batch_size, "workers": workers,
-                   "kind": "inline" if workers == 0 else kind, "samples_per_s": round(med, 1),
-                   "rounds": [round(v, 1) for v in values], "vs_inline": round(med / base, 3)}
+                   "kind": "inline" if workers == 0 else kind, "samples_per_s": round(statistics.median(values), 1),
+                   "rounds": len(values), "steps": args.steps, "vs_inline": round(ratio, 3)}
             print(json.dumps(row), flush=True)
             rows.append(row)
         del model
@@ -239,12 +263,11 @@ def cmd_predict(args) -> list[dict]:
                 predict_clips(model, store, "train", fnames, window, hop, batches.normalizer, bs,
                               workers=workers, depth=max(2, 2 * workers))
                 rates[workers].append(n_windows / (time.perf_counter() - start))
-        base = statistics.median(rates[args.workers[0]])
+        base = rates[args.workers[0]]
         for workers, values in rates.items():
-            med = statistics.median(values)
             row = {"preset": args.preset, "model": name, "windows": n_windows, "workers": workers,
-                   "windows_per_s": round(med, 1), "rounds": [round(v, 1) for v in values],
-                   "vs_inline": round(med / base, 3)}
+                   "windows_per_s": round(statistics.median(values), 1), "rounds": len(values),
+                   "vs_inline": round(statistics.median(v / b for v, b in zip(values, base)), 3)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -252,16 +275,19 @@ def cmd_predict(args) -> list[dict]:
 
 def tables(mode: str, rows: list[dict]) -> str:
     if mode == "produce":
-        cols = sorted({(r["workers"], r["kind"]) for r in rows})
+        cols = sorted({(r["workers"], r["kind"]) for r in rows}, key=lambda c: (c[0] != 0, c[1] != "thread", c[0]))
         def label(workers, kind):
             plural = "" if workers == 1 else "es" if kind == "process" else "s"
             return "inline" if workers == 0 else f"{workers} {kind}{plural}"
-        head = "| preset | model | input (dtype) | batch | " + " | ".join(label(w, k) for w, k in cols) + " |"
+        head = ("| preset | model | input (dtype) | batch | "
+                + " | ".join(f"{label(w, k)}: samples/s (per CPU-s)" for w, k in cols) + " |")
         lines = [head, "|" + "---|" * (4 + len(cols))]
         for (preset, model), group in itertools.groupby(rows, key=lambda r: (r["preset"], r["model"])):
             group = list(group)
             by = {(r["workers"], r["kind"] if r["workers"] else "inline"): r["samples_per_s"] for r in group}
-            cells = [f"{by.get((w, 'inline' if w == 0 else k), float('nan')):,.0f}" for w, k in cols]
+            cpu = {(r["workers"], r["kind"] if r["workers"] else "inline"): r["samples_per_cpu_s"] for r in group}
+            cells = [f"{by.get((w, 'inline' if w == 0 else k), float('nan')):,.0f} "
+                     f"({cpu.get((w, 'inline' if w == 0 else k), float('nan')):,.0f})" for w, k in cols]
             g = group[0]
             lines.append(f"| {preset} | {model} | {' x '.join(map(str, g['shape']))} ({g['dtype']}) | {g['batch']} | "
                          + " | ".join(cells) + " |")
@@ -283,11 +309,12 @@ def main(argv=None) -> int:
     a.add_argument("--presets", nargs="+", default=["quick", "full"])
     a.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
     a.add_argument("--kinds", nargs="+", default=["thread", "process"])
-    a.add_argument("--seconds", type=float, default=4.0)
+    a.add_argument("--seconds", type=float, default=2.0)
+    a.add_argument("--rounds", type=int, default=3)
     b = sub.add_parser("train")
     b.add_argument("--preset", default="quick")
-    b.add_argument("--steps", type=int, default=12)
-    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--steps", type=int, default=8)
+    b.add_argument("--rounds", type=int, default=15)
     b.add_argument("--loaders", nargs="+", default=["0", "1:thread", "1:process"])
     c = sub.add_parser("predict")
     c.add_argument("--preset", default="quick")

@@ -159,7 +159,6 @@ class WindowBatches:
         if self.mask_ratio is not None:
             y = np.concatenate([y, verified[:, None]], axis=1)
         if self.triplet:
-            from pipeline.losses import draw_negatives, pack_triplet_targets  # imports Keras: triplet models only
             negatives = draw_negatives(self.rows.labels[pick], rng) if self.negatives else None
             y = {PROBS_OUTPUT: y, EMBEDDING_OUTPUT: pack_triplet_targets(self.rows.labels[pick], pick, negatives)}
             if self.class_weight is not None:
@@ -170,12 +169,44 @@ class WindowBatches:
         return x, y
 
 
+# -- the triplet loss's targets (numpy; pipeline.losses re-exports them) -----------------------------
+def draw_negatives(labels, rng: np.random.Generator) -> np.ndarray:
+    """Per row, the index of a random row of another class (numpy; for
+    ``pipeline.losses.triplet_loss(negatives=...)``).
+
+    ``labels``: class indices, or one-hot / soft targets (argmax). A row with no other class in the
+    batch gets its own index, which :func:`pipeline.losses.triplet_loss` treats as "no negative".
+    """
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        labels = labels.argmax(axis=1) if labels.shape[1] > 1 else labels[:, 0]
+    labels = labels.astype(int)
+    out = np.arange(len(labels))
+    for i, label in enumerate(labels):
+        others = np.flatnonzero(labels != label)
+        if len(others):
+            out[i] = rng.choice(others)
+    return out
+
+
+def pack_triplet_targets(targets, sources=None, negatives=None) -> np.ndarray:
+    """``y_true`` for :class:`pipeline.losses.EmbeddingTripletLoss`: the targets (class indices or one-hot / soft
+    rows), then a source-id column, then a negative-index column, as the loss's flags say (float32:
+    ids must stay below 2**24)."""
+    targets = np.asarray(targets, dtype=np.float32)
+    cols = [targets[:, None] if targets.ndim == 1 else targets]
+    for extra in (sources, negatives):
+        if extra is not None:
+            cols.append(np.asarray(extra, dtype=np.float32)[:, None])
+    return np.concatenate(cols, axis=1)
+
+
 def clip_length(store, split: str, fname: str) -> int:
-    """Frames (axis 0) of a stored clip: the store's ``length`` when it has one, else its array's."""
+    """Frames (axis 0) of a stored clip. Read through ``store.load`` (a view into a memory-mapped
+    shard: nothing is copied), so a missing or unusable clip fails with the store's own message, as
+    when its windows are cut."""
     try:
-        if hasattr(store, "length"):
-            return int(store.length(split, fname))
-        return int(np.asarray(store.load(split, fname)).shape[0])
+        return int(np.shape(store.load(split, fname))[0])
     except Exception as exc:
         raise clip_failure(exc, fname, split, "reading clip lengths for prediction") from exc
 

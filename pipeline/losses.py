@@ -20,6 +20,8 @@ from keras import ops
 
 from pipeline.config import ConfigError, training_settings
 from pipeline.predictions import EPS  # the one probability floor: log(clip(p, EPS, 1)) in the losses too
+# numpy, so a loader's worker process makes a triplet batch without Keras; re-exported here
+from pipeline.batches import draw_negatives, pack_triplet_targets  # noqa: F401
 
 
 # The loss settings of a training section and their defaults (the papers' values).
@@ -165,24 +167,6 @@ def _masked_mean(values, valid):
     return ops.sum(values * valid) / ops.maximum(ops.sum(valid), 1.0)
 
 
-def draw_negatives(labels, rng: np.random.Generator) -> np.ndarray:
-    """Per row, the index of a random row of another class (numpy; for ``triplet_loss(negatives=...)``).
-
-    ``labels``: class indices, or one-hot / soft targets (argmax). A row with no other class in the
-    batch gets its own index, which :func:`triplet_loss` treats as "no negative".
-    """
-    labels = np.asarray(labels)
-    if labels.ndim == 2:
-        labels = labels.argmax(axis=1) if labels.shape[1] > 1 else labels[:, 0]
-    labels = labels.astype(int)
-    out = np.arange(len(labels))
-    for i, label in enumerate(labels):
-        others = np.flatnonzero(labels != label)
-        if len(others):
-            out[i] = rng.choice(others)
-    return out
-
-
 def triplet_loss(labels, embeddings, margin: float = 0.2, strategy: str = "batch_hard", negatives=None,
                  sources=None, seed=None):
     """Mean triplet hinge max(d(a, p) - d(a, n) + margin, 0) on squared Euclidean distances.
@@ -254,18 +238,6 @@ def triplet_loss(labels, embeddings, margin: float = 0.2, strategy: str = "batch
     neg_ok = ops.take_along_axis(ops.cast(neg, "int32"), negatives, axis=1) > 0
     valid = ops.logical_and(pos, neg_ok)
     return _masked_mean(ops.relu(d - d_an + margin), valid)
-
-
-def pack_triplet_targets(targets, sources=None, negatives=None) -> np.ndarray:
-    """``y_true`` for :class:`EmbeddingTripletLoss`: the targets (class indices or one-hot / soft
-    rows), then a source-id column, then a negative-index column, as the loss's flags say (float32:
-    ids must stay below 2**24)."""
-    targets = np.asarray(targets, dtype=np.float32)
-    cols = [targets[:, None] if targets.ndim == 1 else targets]
-    for extra in (sources, negatives):
-        if extra is not None:
-            cols.append(np.asarray(extra, dtype=np.float32)[:, None])
-    return np.concatenate(cols, axis=1)
 
 
 @keras.saving.register_keras_serializable(package="audio_tagging")

@@ -134,6 +134,7 @@ def predict_clips(model, store, split: str, fnames: list[str], window: int, hop:
     out = np.zeros((len(fnames), n_outputs_classes(model)), dtype=np.float64)
     batches = SlidingWindowBatches(store, split, fnames, window, hop, normalizer, batch_size, max_windows)
     sums = None
+    workers = max(0, min(workers, len(batches) - 1))  # no more workers than batches to make ahead
     with Prefetch(batches, workers, depth, kind="thread", name="predict") as loader:
         for i, x in enumerate(loader.map(range(len(batches)))):
             _, n_real, (first, end), last = batches.plan[i]

@@ -203,6 +203,23 @@ def test_predict_clips_same_batches_with_workers_and_a_ten_minute_clip():
             assert set(model.shapes) == {(16, 64, 5, 3)}  # never more than one batch at a time
 
 
+def test_predicting_a_clip_without_features_says_so_by_name(prepared):
+    """The feature store's own error (one line on the command line), through the prediction workers."""
+    cfg, work, _ = prepared
+    store = feature_stores(work, cfg, ["logmel"])["logmel"]
+
+    class Model:
+        output_shape = (None, 3)
+
+        def predict_on_batch(self, x):
+            return np.full((len(x), 3), 1 / 3, np.float32)
+
+    usable = _fold_args(cfg, work)["rows"].fnames[:2]
+    assert trainer.predict_clips(Model(), store, "train", usable, 16, 8, Normalizer(None), 8, workers=2).shape == (2, 3)
+    with pytest.raises(FileNotFoundError, match="missing.wav"):
+        trainer.predict_clips(Model(), store, "train", ["missing.wav"], 16, 8, Normalizer(None), 8, workers=2)
+
+
 @pytest.mark.parametrize("kind", ["thread", "process"])
 def test_a_worker_error_names_the_clip_after_the_items_before_it(kind):
     with Prefetch(Slow(bad=5), workers=2, depth=3, kind=kind) as loader:
