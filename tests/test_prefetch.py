@@ -268,7 +268,8 @@ def test_ctrl_c_during_training_leaves_no_worker_process(prepared, tmp_path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.train", "--config", str(preset), "--data", str(data),
              "--work", str(work.root), "--set", "training.loader_kind=process", "--set", "training.loader_workers=2",
-             "--set", "training.epochs=100", "--set", "training.steps_per_epoch=50"],
+             "--set", "training.epochs=1000", "--set", "training.early_stop_patience=1000",
+             "--set", "training.steps_per_epoch=50"],  # long enough for any backend: the signal finds it training
             cwd=REPO, env=env, stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
     state = work.fold_dir("m_logmel", 0) / "state.json"
     try:
