@@ -126,13 +126,24 @@ def load_config(name_or_path: str | Path = "quick", overrides: list[str] | None 
     return resolve(merged)
 
 
+#: model settings that say how a model's jobs are run, not what they compute (``resources``: what a
+#: Ray job requests); :func:`model_config` leaves them out, so no fingerprint ever includes them
+EXECUTOR_ONLY = ("resources",)
+
+
+def without_executor_settings(spec: dict) -> dict:
+    """A model entry without :data:`EXECUTOR_ONLY`: what its results depend on."""
+    return {k: v for k, v in spec.items() if k not in EXECUTOR_ONLY}
+
+
 def model_config(cfg: dict, model: str) -> dict:
     """The full settings of one model: the shared ``training`` settings
-    overridden by the model's own ``train`` section."""
+    overridden by the model's own ``train`` section (without the executor-only
+    settings: :func:`pipeline.executor.job_resources` reads those)."""
     models = cfg.get("models", {})
     if model not in models:
         raise ConfigError(f"model {model!r} is not defined in the preset (defined: {', '.join(models)})")
-    spec = copy.deepcopy(models[model])
+    spec = without_executor_settings(copy.deepcopy(models[model]))
     train = deep_merge(cfg.get("training") or {}, spec.get("train") or {})
     try:
         spec["train"] = Training.model_validate(train).model_dump()
@@ -157,7 +168,7 @@ def model_settings(spec: dict) -> dict:
     default filled in: the model-level fields and the whole training section."""
     fields = {k: v for k, v in spec.items() if k in ModelSpec.model_fields and k != "train"}
     try:
-        out = {**spec, **ModelSpec.model_validate(fields).model_dump(exclude={"train"})}
+        out = {**spec, **ModelSpec.model_validate(fields).model_dump(exclude={"train", *EXECUTOR_ONLY})}
     except ValidationError as exc:
         raise ConfigError(f"models.{spec.get('name', '?')}.{describe_error(exc, model=ModelSpec)}") from None
     out["train"] = training_settings(spec.get("train"))

@@ -233,49 +233,79 @@ def _groups(src: FeatureStore, split: str, fnames: list[str], patch: int, max_pa
         yield arrays, bad
 
 
-def compute_embeddings(cfg: dict, work: WorkDir, store: EmbeddingStore, progress: bool = True,
-                       max_patches: int = 2048) -> dict:
-    """Write every missing embedding of ``store`` (resumable). Returns run statistics."""
+def _fold_splits(store: EmbeddingStore, fold: int, train_fnames: list[str], test_fnames: list[str]):
+    """[(out split, source split, fnames, names hash)] of fold ``fold`` that its marker does not say are done."""
+    out = []
+    for out_split, src_split, fnames in ((store.train_split(fold), "train", train_fnames),
+                                         (store.test_split(fold), "test", test_fnames)):
+        names_hash = param_hash(sorted(fnames), 16)
+        if (read_json(store.marker(fold, out_split)) or {}).get("fnames_hash") != names_hash:
+            out.append((out_split, src_split, fnames, names_hash))
+    return out
+
+
+def embed_fold_job(cfg: dict, work_root: str, source: str, fold: int, store_key: str, progress: bool,
+                   max_patches: int) -> dict:
+    """Every missing embedding of one fold (its train and test splits) with fold ``fold``'s extractor:
+    a job of :func:`compute_embeddings`, here or on a Ray worker. Returns its statistics."""
     from pipeline.normalize import Normalizer
-    folds = load_folds(work)
-    test_fnames = _usable_test(work)
+    work = WorkDir(work_root)
+    store = open_embedding_store(cfg, work, source)
+    if store.key != store_key:
+        raise RuntimeError(f"embeddings {source} fold {fold}: this process computes the store key {store.key}, the "
+                           f"driver {store_key}: the driver and this worker run different code or settings")
     src, spec = store.source_store, store.source_spec
     normalizer = Normalizer(src.stats() if spec["normalize"] else None)
     patch = int(spec["window"])
     batch_size = int(spec["train"].get("eval_batch_size", 128))
+    stats = {"clips": 0, "patches": 0, "folds_done": 0}
+    extractor = None
+    for out_split, src_split, fnames, names_hash in _fold_splits(store, fold, load_folds(work)["fname"].tolist(),
+                                                                 _usable_test(work)):
+        todo = [f for f in fnames if not store.is_done(out_split, f)]
+        if todo and extractor is None:
+            extractor = load_extractor(work, store.source, fold)
+        with tqdm(total=len(todo), unit="clip", disable=not progress or not todo,
+                  desc=f"embeddings {store.source} fold {fold} {out_split}") as bar:
+            for arrays, bad in _groups(src, src_split, todo, patch, max_patches):
+                names = list(arrays)
+                embs = (embed_arrays(extractor, [arrays[f] for f in names], normalizer, patch, batch_size)
+                        if names else [])
+                store.write_shard(out_split, dict(zip(names, embs)), bad)
+                stats["clips"] += len(names)
+                stats["patches"] += int(sum(len(e) for e in embs))
+                bar.update(len(names) + len(bad))
+        store.index(out_split, refresh=True)
+        missing = [f for f in fnames if not store.is_done(out_split, f)]
+        if missing:
+            raise RuntimeError(f"{store.root / out_split}: {len(missing)} clip(s) still lack embeddings")
+        atomic_write_json({"fold": fold, "split": out_split, "clips": len(fnames), "fnames_hash": names_hash},
+                          store.marker(fold, out_split))
+        stats["folds_done"] += 1
+    return stats
+
+
+def compute_embeddings(cfg: dict, work: WorkDir, store: EmbeddingStore, progress: bool = True,
+                       max_patches: int = 2048, executor=None) -> dict:
+    """Write every missing embedding of ``store`` (resumable): each fold with work left is a job
+    (:func:`embed_fold_job`) of ``executor`` (default: this process, fold after fold). Returns run statistics."""
+    from pipeline.executor import Job, LocalExecutor, job_resources
+    executor = executor or LocalExecutor()
+    folds = load_folds(work)
+    train_fnames, test_fnames = folds["fname"].tolist(), _usable_test(work)
     store.ensure_dir()
     stats = {"clips": 0, "patches": 0, "seconds": 0.0, "folds_done": 0}
     start = time.perf_counter()
-    for k in range(store.n_folds):
-        jobs = [(store.train_split(k), "train", folds["fname"].tolist()),
-                (store.test_split(k), "test", test_fnames)]
-        extractor = None
-        for out_split, src_split, fnames in jobs:
-            marker = store.marker(k, out_split)
-            names_hash = param_hash(sorted(fnames), 16)
-            if (read_json(marker) or {}).get("fnames_hash") == names_hash:
-                continue
-            todo = [f for f in fnames if not store.is_done(out_split, f)]
-            if todo and extractor is None:
-                extractor = load_extractor(work, store.source, k)
-            with tqdm(total=len(todo), unit="clip", disable=not progress or not todo,
-                      desc=f"embeddings {store.source} fold {k} {out_split}") as bar:
-                for arrays, bad in _groups(src, src_split, todo, patch, max_patches):
-                    names = list(arrays)
-                    embs = (embed_arrays(extractor, [arrays[f] for f in names], normalizer, patch, batch_size)
-                            if names else [])
-                    store.write_shard(out_split, dict(zip(names, embs)), bad)
-                    stats["clips"] += len(names)
-                    stats["patches"] += int(sum(len(e) for e in embs))
-                    bar.update(len(names) + len(bad))
-            store.index(out_split, refresh=True)
-            missing = [f for f in fnames if not store.is_done(out_split, f)]
-            if missing:
-                raise RuntimeError(f"{store.root / out_split}: {len(missing)} clip(s) still lack embeddings")
-            atomic_write_json({"fold": k, "split": out_split, "clips": len(fnames), "fnames_hash": names_hash},
-                              marker)
-            stats["folds_done"] += 1
-        del extractor
+    jobs = [Job(f"embeddings {store.source} fold {k}", embed_fold_job,
+                (cfg, str(work.root.absolute()), store.source, k, store.key, progress and executor.job_progress,
+                 max_patches), job_resources(cfg, store.source), work=str(work.root.absolute()), needs=("folds.csv",))
+            for k in range(store.n_folds) if _fold_splits(store, k, train_fnames, test_fnames)]
+    for done in executor.run(jobs):
+        for key in ("clips", "patches", "folds_done"):
+            stats[key] += done[key]
+    for k in range(store.n_folds):  # the jobs wrote through their own handles on the store
+        for split in (store.train_split(k), store.test_split(k)):
+            store.index(split, refresh=True)
     stats["seconds"] = time.perf_counter() - start
     if store.stats() is None or stats["clips"]:
         split0 = store.train_split(0)
@@ -285,14 +315,14 @@ def compute_embeddings(cfg: dict, work: WorkDir, store: EmbeddingStore, progress
 
 
 def embedding_store(cfg: dict, work: WorkDir, source_model: str, compute: bool = True,
-                    progress: bool = True, dataset=None) -> EmbeddingStore:
+                    progress: bool = True, dataset=None, executor=None) -> EmbeddingStore:
     """The embeddings of ``source_model``'s fine-tuned extractors, with the
     FeatureStore reading interface (``load``, ``length``, ``stats``, ``key``,
     ``name``, ``kind``) plus ``test_split(fold)``. With ``compute`` (default)
-    whatever is missing is computed first."""
+    whatever is missing is computed first (one ``executor`` job per fold)."""
     store = open_embedding_store(cfg, work, source_model, dataset)
     if compute:
-        stats = compute_embeddings(cfg, work, store, progress=progress)
+        stats = compute_embeddings(cfg, work, store, progress=progress, executor=executor)
         if stats["clips"]:
             n_train = len(store.index(store.train_split(0)))
             n_test = len(store.index(store.test_split(0)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pipeline.cli import run_main, start_stage, timed_stage
 from pipeline.dataset import load_dataset
 from pipeline.embedding_store import default_sources, embedding_store
+from pipeline.executor import make_executor
 
 
 def main(argv=None):
@@ -21,9 +22,10 @@ def main(argv=None):
     args, cfg, work = start_stage("Embed every clip patch with the trained fold extractors.", "embeddings", argv,
                                   extra)
     dataset = load_dataset(args.data)
-    for source in args.source or default_sources(cfg):
-        with timed_stage(work, f"embeddings:{source}"):
-            embedding_store(cfg, work, source, dataset=dataset)
+    with make_executor(cfg, work, "embeddings") as executor:  # run.executor ray: each fold a Ray job
+        for source in args.source or default_sources(cfg):
+            with timed_stage(work, f"embeddings:{source}"):
+                embedding_store(cfg, work, source, dataset=dataset, executor=executor)
 
 
 if __name__ == "__main__":

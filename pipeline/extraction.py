@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,7 @@ from pipeline.cache import FeatureStore, describe, feature_stores
 from pipeline.clips import usable_rows
 from pipeline.config import model_config, verifier_config
 from pipeline.dataset import Dataset, load_dataset
+from pipeline.executor import Job, make_executor
 from pipeline.fingerprints import clips_hash, file_identity
 from pipeline.hierarchical import check_meta_classes
 from pipeline.spectral import compute_feature
@@ -84,9 +86,19 @@ def _process_clips(split: str, tasks, stores: dict[str, FeatureStore], audio_cfg
     return seconds, len(tasks), bad, time.perf_counter() - start
 
 
+#: what one chunk of clips asks a Ray cluster for: one core (its BLAS pools are limited to one thread), no GPU
+FEATURE_JOB_RESOURCES = {"num_cpus": 1.0, "num_gpus": 0.0}
+
+
 def compute_missing(dataset: Dataset, stores: dict[str, FeatureStore], audio_cfg: dict,
-                    n_jobs: int = -1, chunk_size: int = 64, progress: bool = True) -> dict:
-    """Compute every (clip, feature) not in the cache yet. Returns run statistics."""
+                    n_jobs: int = -1, chunk_size: int = 64, progress: bool = True, executor=None,
+                    work: WorkDir | None = None) -> dict:
+    """Compute every (clip, feature) not in the cache yet. Returns run statistics.
+
+    Chunks of ``chunk_size`` clips run in parallel: joblib's workers on this
+    machine, or with a Ray ``executor`` (``run.executor: ray``) one Ray job
+    per chunk (README, "Running on Ray": joblib's own Ray backend was measured
+    and not used)."""
     for store in stores.values():
         store.ensure_dir()
     chunks, n_tasks = [], 0
@@ -106,12 +118,24 @@ def compute_missing(dataset: Dataset, stores: dict[str, FeatureStore], audio_cfg
     stats = {"clips": 0, "seconds": 0.0, "wall": 0.0, "busy": 0.0, "bad": []}
     if not chunks:
         return stats
-    n_workers = os.cpu_count() if n_jobs in (-1, None) else max(1, int(n_jobs))
-    n_workers = min(n_workers, len(chunks))
     start = time.perf_counter()
-    runner = Parallel(n_jobs=n_workers, return_as="generator_unordered", batch_size=1)
-    results = runner(delayed(_process_clips)(split, chunk, stores, audio_cfg) for split, chunk in chunks)
-    with tqdm(total=n_tasks, unit="clip", desc="features", disable=not progress) as bar:
+    if executor is not None and executor.concurrent:  # Ray: one job per chunk, on any node with a free core
+        # absolute paths: a Ray worker's working directory is not this process's
+        chunks = [(split, [(f, os.path.abspath(path), names, ident) for f, path, names, ident in chunk])
+                  for split, chunk in chunks]
+        jobs = [Job(f"features {split} chunk {i}", _process_clips, (split, chunk, stores, audio_cfg),
+                    dict(FEATURE_JOB_RESOURCES), work=None if work is None else str(work.root.absolute()),
+                    needs=(str(Path(chunk[0][1]).parent),))  # the audio folder too must be visible there
+                for i, (split, chunk) in enumerate(chunks)]
+        results = executor.run(jobs)
+        n_workers = min(executor.parallelism(), len(chunks))
+    else:
+        n_workers = os.cpu_count() if n_jobs in (-1, None) else max(1, int(n_jobs))
+        n_workers = min(n_workers, len(chunks))
+        runner = Parallel(n_jobs=n_workers, return_as="generator_unordered", batch_size=1)
+        results = runner(delayed(_process_clips)(split, chunk, stores, audio_cfg) for split, chunk in chunks)
+    with tqdm(total=n_tasks, unit="clip", desc="features", disable=not progress or executor is not None
+              and executor.concurrent) as bar:
         for seconds, n, bad, busy in results:
             stats["seconds"] += seconds
             stats["busy"] += busy
@@ -163,8 +187,9 @@ def run_features(cfg: dict, data_dir, work: WorkDir, progress: bool = True) -> p
     for store in stores.values():
         log.info("feature %s -> %s", describe(store), store.root)
     fcfg = cfg["feature_extraction"]
-    stats = compute_missing(dataset, stores, cfg["audio"], n_jobs=fcfg["n_jobs"], chunk_size=fcfg["chunk_size"],
-                            progress=progress)
+    with make_executor(cfg, work, "features", progress) as executor:  # Ray starts only if a clip needs work
+        stats = compute_missing(dataset, stores, cfg["audio"], n_jobs=fcfg["n_jobs"], chunk_size=fcfg["chunk_size"],
+                                progress=progress, executor=executor, work=work)
     clips = clip_table(dataset, stores)
     atomic_write_csv(clips, work.clips_csv)
     ok_rows = usable_rows(clips, "train")

@@ -3,7 +3,8 @@
 ``python -m pipeline.features --config quick --data DIR --work DIR``
 
 Each clip is decoded once and every missing feature is computed from it, in
-parallel over clips (joblib, all cores by default). Re-running computes only
+parallel over clips (joblib, all cores by default; with ``--set
+run.executor=ray`` one Ray job per chunk of clips). Re-running computes only
 what is missing. Ends by writing ``clips.csv`` (status of every clip) and
 per-feature normalisation statistics, and logs one summary line.
 """

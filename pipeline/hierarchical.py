@@ -50,10 +50,10 @@ def is_hierarchical(spec: dict) -> bool:
     return spec.get("builder") == "hierarchical"
 
 
-def source_stores(cfg: dict, work: WorkDir, spec: dict, dataset=None, compute: bool = True) -> dict:
-    """Each source's per-fold embedding store (missing embeddings computed first)."""
+def source_stores(cfg: dict, work: WorkDir, spec: dict, dataset=None, compute: bool = True, executor=None) -> dict:
+    """Each source's per-fold embedding store (missing embeddings computed first, as ``executor`` jobs)."""
     from pipeline.embedding_store import embedding_store
-    return {src: embedding_store(cfg, work, src, compute=compute, dataset=dataset)
+    return {src: embedding_store(cfg, work, src, compute=compute, dataset=dataset, executor=executor)
             for src in spec["hierarchy"]["sources"]}
 
 

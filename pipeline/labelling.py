@@ -16,6 +16,7 @@ from pipeline.clips import load_clips
 from pipeline.config import resolve, section
 from pipeline.cv import current_folds
 from pipeline.dataset import load_dataset
+from pipeline.executor import make_executor
 from pipeline.fingerprints import data_hash
 from pipeline.labels import write_labels_table
 from pipeline.verification import (assign_epsilon, format_table, given_labels_table, labels_table, quality_report,
@@ -80,10 +81,11 @@ def pseudo_label_stage(cfg: dict, work: WorkDir, folds: pd.DataFrame, classes: l
         atomic_write_json(summary, out / "summary.json")
         return summary
 
-    if runner is None:
-        from pipeline.verifiers import FoldVerifiers  # Keras only when a network verifier trains
-        runner = FoldVerifiers(cfg, work, s, classes, progress, data_hash)
-    result = verification_loop(folds, classes, s, runner, out)
+    with make_executor(cfg, work, "pseudo_label", progress) as executor:  # Ray starts with the first job
+        if runner is None:
+            from pipeline.verifiers import FoldVerifiers  # Keras only when a network verifier trains
+            runner = FoldVerifiers(cfg, work, s, classes, progress, data_hash, executor=executor)
+        result = verification_loop(folds, classes, s, runner, out)
     low, high = (float(v) for v in s["unresolved_epsilon"])
     if result.guard is not None:
         # the guard keeps doubtful rows as they were: their given label with the fixed non-verified

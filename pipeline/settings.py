@@ -376,6 +376,22 @@ class Hierarchy(Section):
         return value
 
 
+class JobResources(Section):
+    """What one Ray job (a fold, a verifier fold, a fold's embeddings) asks the scheduler for."""
+    num_cpus: float = Field(1.0, ge=0, le=1024)
+    """CPU cores Ray reserves per job (a scheduling request: TensorFlow still uses the node's cores, as locally)"""
+    num_gpus: float = Field(0.0, ge=0, le=64)
+    """GPUs per job (a fraction shares one: 0.5 runs two jobs per GPU)"""
+
+
+class ResourceOverrides(Section):
+    """One model's jobs' requests, over ``run.resources`` (null: as there)."""
+    num_cpus: float | None = Field(None, ge=0, le=1024)
+    """CPU cores reserved per job of this model (null: run.resources.num_cpus)"""
+    num_gpus: float | None = Field(None, ge=0, le=64)
+    """GPUs per job of this model (null: run.resources.num_gpus)"""
+
+
 class ModelSpec(Section):
     """One trainable model: a builder, its input, its hyperparameters and training overrides."""
     builder: str | None = None
@@ -396,6 +412,8 @@ class ModelSpec(Section):
     """training overrides (any training setting)"""
     hierarchy: Hierarchy | None = None
     """builder hierarchical only: its sources, meta-classes and loss (null: the defaults)"""
+    resources: ResourceOverrides | None = None
+    """run.executor ray: what each of this model's jobs requests, over run.resources (not part of any fingerprint)"""
 
     _check_features = field_validator("features", mode="before")(lambda cls, v: _listify(v))
 
@@ -539,6 +557,19 @@ class Run(Section):
                          "factorized_cnn", "mini_segnet", "vggish", "mla", "cnn_ref_gammatone", "cnn_ref_cqt",
                          "hierarchical"]
     """models trained, in this order (a model on embeddings after its source); stats_*: handcrafted baselines"""
+    # How the work is run, never what it computes: no fingerprint includes the executor settings
+    # (pipeline.config.EXECUTOR_ONLY), so switching executors or resources retrains nothing.
+    executor: Literal["local", "ray"] = "local"
+    """local: every job in this process, in order; ray: (model, fold) trainings, verifier folds, per-fold
+    embeddings and feature chunks as Ray tasks placed by their resources (README, "Running on Ray")"""
+    ray_address: str = ""
+    """ray: empty = start a Ray on this machine for the stage; auto = join the cluster started here with
+    `ray start`; ray://host:10001 = join a remote cluster through Ray Client"""
+    resources: JobResources = JobResources()
+    """ray: what one job requests (a model's `resources` overrides it)"""
+    max_retries: int = Field(3, ge=0, le=100)
+    """ray: times a job whose worker died (node lost, killed, out of memory) is run again; it resumes from its
+    last epoch checkpoint"""
 
 
 # ---------------------------------------------------------------- stacking

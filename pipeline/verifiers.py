@@ -9,12 +9,14 @@ out of fold. Keras is imported only when a network verifier trains.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline.config import ConfigError, verifier_config
+from pipeline.executor import Job, LocalExecutor, job_resources, process_cache
 from pipeline.fingerprints import param_hash
 from pipeline.prefetch import without_loader_settings
 from pipeline.predictions import geometric_mean, probs_frame, read_table, write_table
@@ -69,18 +71,75 @@ def predict_crops(model_path: Path, spec: dict, store, fnames: list[str], n_crop
     return out
 
 
+@dataclass
+class VerifierFoldJob:
+    """One verifier's fold in one round: what :func:`verifier_fold_job` needs, as plain picklable values."""
+    cfg: dict
+    work: str
+    verifier: str
+    iteration: int
+    fold: int
+    rows: object                 # pipeline.trainer.TrainRows: the training-set rows outside the fold
+    val_fnames: list
+    val_labels: np.ndarray
+    pred_fnames: list            # the pool rows of the fold
+    split: str                   # where fold k's clips are read (per fold for a verifier on embeddings)
+    fold_dir: str
+    fingerprint: str
+    store_key: str
+    classes: list
+    crops: int | None            # self_verify: random crops per pool row
+    progress: bool = True
+
+
+def verifier_fold_job(job: VerifierFoldJob) -> dict:
+    """Train one verifier on one fold and write its predictions (``pred.csv``, ``val.csv``, ``crops.npy``,
+    ``summary.json`` last): a job of :class:`FoldVerifiers`, here or on a Ray worker."""
+    work = WorkDir(job.work)
+    spec = verifier_config(job.cfg, job.verifier)
+    store = verifier_input(job.cfg, work, spec)
+    if store.key != job.store_key:
+        raise RuntimeError(f"{job.verifier} iteration {job.iteration} fold {job.fold}: this process computes the "
+                           f"input key {store.key}, the driver {job.store_key}: they run different code or settings")
+    v, k, rows, fold_dir = job.verifier, job.fold, job.rows, Path(job.fold_dir)
+    seed, n_classes = int(job.cfg["seed"]), len(job.classes)
+    log.info("%s iteration %d fold %d: training on %d rows, validating on %d, predicting %d",
+             v, job.iteration, k, len(rows.fnames), len(job.val_fnames), len(job.pred_fnames))
+    if hasattr(store, "stores"):  # a handcrafted verifier (cheap, and often the strongest)
+        from pipeline.handcrafted import train_handcrafted_fold
+        result = train_handcrafted_fold(spec, store.stores, rows, job.val_fnames, job.val_labels, job.pred_fnames,
+                                        n_classes, fold_dir, seed, k, test_split=job.split,
+                                        fingerprint=job.fingerprint)
+    else:
+        result = train_fold(spec, store, rows, job.val_fnames, job.val_labels, job.pred_fnames, n_classes,
+                            fold_dir, seed, k, job.fingerprint, progress=job.progress, val_split=job.split,
+                            test_split=job.split, model_cache=process_cache(f"verifier:{v}"))
+    pred = result.test if result.test is not None else np.zeros((0, n_classes))
+    write_table(probs_frame(job.pred_fnames, pred, job.classes), fold_dir / "pred.csv")
+    write_table(probs_frame(job.val_fnames, result.oof, job.classes), fold_dir / "val.csv")
+    if job.crops:
+        atomic_write_npy(fold_dir / "crops.npy",
+                         predict_crops(fold_dir / "best.keras", spec, store, job.pred_fnames, int(job.crops),
+                                       seed * 1000 + job.iteration * 100 + k, n_classes, job.split))
+    atomic_write_json({**result.summary, "fingerprint": job.fingerprint, "iteration": job.iteration,
+                       "predicted_rows": len(job.pred_fnames)}, fold_dir / "summary.json")
+    return {"val_map3": result.summary.get("val_map3")}
+
+
 class FoldVerifiers:
     """Trains each verifier over the folds with the shared fold trainer.
 
     For fold k: train on the training-set rows with fold != k, validate
     (early stopping) on the training-set rows with fold == k, predict the
     pool rows with fold == k (from the split fold k trains on). Verifiers are combined
-    by geometric mean.
+    by geometric mean. Every (verifier, fold) of a round is a job of ``executor``
+    (:func:`verifier_fold_job`; default: this process, one after the other); the
+    round's tables are then read back in a fixed order.
     """
 
     def __init__(self, cfg: dict, work: WorkDir, s: dict, classes: list[str], progress: bool = True,
-                 data_hash: str = ""):
-        self._model_caches: dict[str, dict] = {}  # verifier -> compiled model reused across folds
+                 data_hash: str = "", executor=None):
+        self.executor = executor or LocalExecutor()
         self.cfg, self.work, self.s, self.classes, self.progress = cfg, work, s, list(classes), progress
         self.seed = int(cfg["seed"])
         self.specs = {v: verifier_config(cfg, v) for v in s["verifiers"]}
@@ -103,12 +162,9 @@ class FoldVerifiers:
         folds_all = sorted(set(train_df["fold"]) | set(pool_df["fold"]))
         train_hash = param_hash(pd.util.hash_pandas_object(train_df, index=False).tolist(), 16)
         pool_hash = param_hash(pd.util.hash_pandas_object(pool_df, index=False).tolist(), 16)
-        all_probs, all_crops, all_val = [], [], []
-        for v, spec in self.specs.items():
+        jobs = []
+        for v, spec in self.specs.items():  # every fold not done yet, as a job
             store = self.stores[v]
-            val_probs = np.zeros((len(train_df), n_classes))  # out-of-fold, of the training-set rows
-            probs = np.zeros((len(pool_df), n_classes))
-            crops = np.zeros((len(pool_df), int(self.s["crops"]), n_classes)) if self.want_crops else None
             for k in folds_all:
                 tr = train_df[train_df["fold"] != k]
                 val = train_df[train_df["fold"] == k]
@@ -126,38 +182,35 @@ class FoldVerifiers:
                         and (not self.want_crops or (fold_dir / "crops.npy").exists()))
                 if done:
                     log.info("%s iteration %d fold %d: done, skipping", v, iteration, k)
-                else:
-                    from pipeline.trainer import TrainRows
-                    eps = float(spec["train"]["smoothing_verified"] or 0.0)
-                    rows = TrainRows(fnames=tr["fname"].tolist(), labels=tr["label"].map(cidx).to_numpy(),
-                                     epsilon=np.full(len(tr), eps, dtype=np.float32),
-                                     verified=np.ones(len(tr), dtype=int))
-                    log.info("%s iteration %d fold %d: training on %d rows, validating on %d, predicting %d",
-                             v, iteration, k, len(tr), len(val), len(pred_fnames))
-                    # the pool rows are training clips: read from the split this fold trains on (per fold for
-                    # a verifier on embeddings: fold k's extractor space)
-                    split = next(iter(store.stores.values())).train_split(k) if hasattr(store, "stores") \
-                        else store.train_split(k)
-                    if hasattr(store, "stores"):  # a handcrafted verifier (cheap, and often the strongest)
-                        from pipeline.handcrafted import train_handcrafted_fold
-                        result = train_handcrafted_fold(spec, store.stores, rows, val["fname"].tolist(),
-                                                        val["label"].map(cidx).to_numpy(), pred_fnames, n_classes,
-                                                        fold_dir, self.seed, k, test_split=split, fingerprint=fp)
-                    else:
-                        result = train_fold(spec, store, rows, val["fname"].tolist(),
-                                            val["label"].map(cidx).to_numpy(), pred_fnames, n_classes, fold_dir,
-                                            self.seed, k, fp, progress=self.progress, val_split=split,
-                                            test_split=split, model_cache=self._model_caches.setdefault(v, {}))
-                    pred = result.test if result.test is not None else np.zeros((0, n_classes))
-                    write_table(probs_frame(pred_fnames, pred, self.classes), fold_dir / "pred.csv")
-                    write_table(probs_frame(val["fname"], result.oof, self.classes), fold_dir / "val.csv")
-                    if self.want_crops:
-                        atomic_write_npy(fold_dir / "crops.npy",
-                                         predict_crops(fold_dir / "best.keras", spec, store, pred_fnames,
-                                                       int(self.s["crops"]), self.seed * 1000 + iteration * 100 + k,
-                                                       n_classes, split))
-                    atomic_write_json({**result.summary, "fingerprint": fp, "iteration": iteration,
-                                       "predicted_rows": len(pred_fnames)}, fold_dir / "summary.json")
+                    continue
+                from pipeline.trainer import TrainRows
+                eps = float(spec["train"]["smoothing_verified"] or 0.0)
+                rows = TrainRows(fnames=tr["fname"].tolist(), labels=tr["label"].map(cidx).to_numpy(),
+                                 epsilon=np.full(len(tr), eps, dtype=np.float32),
+                                 verified=np.ones(len(tr), dtype=int))
+                # the pool rows are training clips: read from the split this fold trains on (per fold for
+                # a verifier on embeddings: fold k's extractor space)
+                split = next(iter(store.stores.values())).train_split(k) if hasattr(store, "stores") \
+                    else store.train_split(k)
+                job = VerifierFoldJob(cfg=self.cfg, work=str(self.work.root.absolute()), verifier=v,
+                                      iteration=iteration, fold=k, rows=rows, val_fnames=val["fname"].tolist(),
+                                      val_labels=val["label"].map(cidx).to_numpy(), pred_fnames=pred_fnames,
+                                      split=split, fold_dir=str(fold_dir.absolute()), fingerprint=fp,
+                                      store_key=store.key, classes=self.classes,
+                                      crops=int(self.s["crops"]) if self.want_crops else None,
+                                      progress=self.progress and self.executor.job_progress)
+                jobs.append(Job(f"{v} iteration {iteration} fold {k}", verifier_fold_job, (job,),
+                                job_resources(self.cfg, v), work=str(self.work.root.absolute()), needs=("folds.csv",)))
+        self.executor.run(jobs)
+        all_probs, all_crops, all_val = [], [], []
+        for v in self.specs:  # the round's tables, read back in a fixed order
+            val_probs = np.zeros((len(train_df), n_classes))  # out-of-fold, of the training-set rows
+            probs = np.zeros((len(pool_df), n_classes))
+            crops = np.zeros((len(pool_df), int(self.s["crops"]), n_classes)) if self.want_crops else None
+            for k in folds_all:
+                fold_dir = iter_dir / v / f"fold{k}"
+                pmask = (pool_df["fold"] == k).to_numpy()
+                pred_fnames = pool_df.loc[pmask, "fname"].tolist()
                 table = read_table(fold_dir / "pred.csv", self.classes)
                 probs[pmask] = table.set_index("fname").loc[pred_fnames, self.classes].to_numpy() \
                     if pred_fnames else np.zeros((0, n_classes))

@@ -153,6 +153,11 @@ def changed_paths() -> list[Path]:
     return list(_CHANGED)
 
 
+def note_changed(paths) -> None:
+    """Count files another process changed for this one (a Ray job's outputs, :mod:`pipeline.executor`)."""
+    _CHANGED.extend(Path(p) for p in paths)
+
+
 def _same_bytes(path: Path, data: bytes) -> bool:
     try:
         if os.path.getsize(path) != len(data):
