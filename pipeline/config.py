@@ -37,12 +37,12 @@ def deep_merge(base: dict, override: dict) -> dict:
     return copy.deepcopy(merge_dicts(base, override))
 
 
-def _numbers(value):
+def yaml_numbers(value):
     """YAML 1.1 reads 1e-4 (no dot) as a string; every such string is a number."""
     if isinstance(value, dict):
-        return {k: _numbers(v) for k, v in value.items()}
+        return {k: yaml_numbers(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_numbers(v) for v in value]
+        return [yaml_numbers(v) for v in value]
     if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
         return float(value)
     return value
@@ -58,7 +58,7 @@ def _apply_override(cfg: dict, assignment: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted.strip()}: {key!r} is not a section")
-    node[keys[-1]] = _numbers(yaml.safe_load(raw))
+    node[keys[-1]] = yaml_numbers(yaml.safe_load(raw))
 
 
 def _preset_path(name_or_path) -> Path:
@@ -83,7 +83,7 @@ def _preset_layers(name_or_path, seen=()) -> list[tuple[str, dict]]:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(layer, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    layer = _numbers(layer)
+    layer = yaml_numbers(layer)
     parent = layer.pop("inherit", None)
     layer.pop("preset", None)
     above = _preset_layers(parent, seen + (path.resolve(),)) if parent else []

@@ -43,6 +43,7 @@ import pandas as pd
 import yaml
 
 from pipeline.cli import UserError
+from pipeline.config import yaml_numbers  # YAML 1.1 reads 1e-4 as a string: the config loader's own fix
 from pipeline.fingerprints import content_hash
 from pipeline.workdir import WorkDir, read_json
 
@@ -161,7 +162,6 @@ def needs_extra_columns(record: dict) -> bool:
 
 def logged_configs(work: WorkDir):
     """(path, resolved config) of every distinct settings file the run's stages logged, newest first."""
-    from pipeline.config import _numbers  # YAML 1.1 reads 1e-4 as a string; the loader's own fix
     paths = {}
     for p in work.logs_dir.glob("*/*.config.yaml"):
         try:
@@ -180,7 +180,7 @@ def logged_configs(work: WorkDir):
             continue
         seen.add(digest)
         try:
-            cfg = _numbers(yaml.safe_load(text))
+            cfg = yaml_numbers(yaml.safe_load(text))
         except yaml.YAMLError:
             continue
         if isinstance(cfg, dict):
