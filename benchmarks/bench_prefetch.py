@@ -231,10 +231,14 @@ def cmd_train(args) -> list[dict]:
                 pool.close()
         base = rates[loaders[0]]
         for (workers, kind), values in rates.items():
-            ratio = statistics.median(v / b for v, b in zip(values, base))
+            ratios = [v / b for v, b in zip(values, base)]
+            # the default (exclusive) quartiles; with under 4 rounds those extrapolate past the data: inclusive
+            q1, _, q3 = (statistics.quantiles(ratios, n=4, method="exclusive" if len(ratios) >= 4 else "inclusive")
+                         if len(ratios) > 1 else (ratios[0],) * 3)
             row = {"preset": args.preset, "model": name, "batch": batches.batch_size, "workers": workers,
                    "kind": "inline" if workers == 0 else kind, "samples_per_s": round(statistics.median(values), 1),
-                   "rounds": len(values), "steps": args.steps, "vs_inline": round(ratio, 3)}
+                   "rounds": len(values), "steps": args.steps, "vs_inline": round(statistics.median(ratios), 3),
+                   "vs_inline_quartiles": [round(q1, 3), round(q3, 3)]}  # the spread of the per-round ratios
             print(json.dumps(row), flush=True)
             rows.append(row)
         del model
@@ -293,12 +297,13 @@ def tables(mode: str, rows: list[dict]) -> str:
                          + " | ".join(cells) + " |")
         return "\n".join(lines)
     key = "samples_per_s" if mode == "train" else "windows_per_s"
-    lines = [f"| preset | model | loader | {key.replace('_', ' ')} (median) | rounds | vs inline |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| preset | model | loader | {key.replace('_', ' ')} (median) | rounds | vs inline | quartiles |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         loader = "inline" if r["workers"] == 0 else f"{r['workers']} {r.get('kind', 'thread')}"
+        q = r.get("vs_inline_quartiles")
         lines.append(f"| {r['preset']} | {r['model']} | {loader} | {r[key]:,.1f} | {r['rounds']} | "
-                     f"{r['vs_inline']:.3f} |")
+                     f"{r['vs_inline']:.3f} | {f'{q[0]:.3f}-{q[1]:.3f}' if q else ''} |")
     return "\n".join(lines)
 
 

@@ -401,7 +401,7 @@ class RayExecutor:
                 raise JobFailed(f"{job.name}: stopped because another job of this stage failed") from None
             raise
         except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
-                ray.exceptions.OutOfMemoryError, ray.exceptions.TaskCancelledError) as exc:
+                ray.exceptions.OutOfMemoryError) as exc:
             raise JobFailed(f"{job.name}: its Ray worker died {self.max_retries + 1} time(s) "
                             f"({type(exc).__name__}; run.max_retries = {self.max_retries}); finished work is kept: "
                             f"rerun to resume. {str(exc).splitlines()[0] if str(exc) else ''}") from None
