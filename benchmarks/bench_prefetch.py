@@ -191,6 +191,17 @@ def _loaders(specs: list[str]) -> list[tuple[int, str]]:
     return out
 
 
+def _vs_inline(values: list[float], base: list[float]) -> dict:
+    """The median of the per-round ratios to the inline loader's rate, and their quartiles (the spread).
+    Python's default (exclusive) quartiles; with under 4 rounds, which they would extrapolate past, inclusive."""
+    ratios = [v / b for v, b in zip(values, base)]
+    if len(ratios) > 1:
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="exclusive" if len(ratios) >= 4 else "inclusive")
+    else:
+        q1 = q3 = ratios[0]
+    return {"vs_inline": round(statistics.median(ratios), 3), "vs_inline_quartiles": [round(q1, 3), round(q3, 3)]}
+
+
 def cmd_train(args) -> list[dict]:
     """The fold loop's samples/s with batches made inline vs by the loader.
 
@@ -231,14 +242,9 @@ def cmd_train(args) -> list[dict]:
                 pool.close()
         base = rates[loaders[0]]
         for (workers, kind), values in rates.items():
-            ratios = [v / b for v, b in zip(values, base)]
-            # the default (exclusive) quartiles; with under 4 rounds those extrapolate past the data: inclusive
-            q1, _, q3 = (statistics.quantiles(ratios, n=4, method="exclusive" if len(ratios) >= 4 else "inclusive")
-                         if len(ratios) > 1 else (ratios[0],) * 3)
             row = {"preset": args.preset, "model": name, "batch": batches.batch_size, "workers": workers,
                    "kind": "inline" if workers == 0 else kind, "samples_per_s": round(statistics.median(values), 1),
-                   "rounds": len(values), "steps": args.steps, "vs_inline": round(statistics.median(ratios), 3),
-                   "vs_inline_quartiles": [round(q1, 3), round(q3, 3)]}  # the spread of the per-round ratios
+                   "rounds": len(values), "steps": args.steps, **_vs_inline(values, base)}
             print(json.dumps(row), flush=True)
             rows.append(row)
         del model
@@ -271,7 +277,7 @@ def cmd_predict(args) -> list[dict]:
         for workers, values in rates.items():
             row = {"preset": args.preset, "model": name, "windows": n_windows, "workers": workers,
                    "windows_per_s": round(statistics.median(values), 1), "rounds": len(values),
-                   "vs_inline": round(statistics.median(v / b for v, b in zip(values, base)), 3)}
+                   **_vs_inline(values, base)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows

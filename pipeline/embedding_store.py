@@ -296,14 +296,15 @@ def compute_embeddings(cfg: dict, work: WorkDir, store: EmbeddingStore, progress
     store.ensure_dir()
     stats = {"clips": 0, "patches": 0, "seconds": 0.0, "folds_done": 0}
     start = time.perf_counter()
+    todo = [k for k in range(store.n_folds) if _fold_splits(store, k, train_fnames, test_fnames)]
     jobs = [Job(f"embeddings {store.source} fold {k}", embed_fold_job,
                 (cfg, str(work.root.absolute()), store.source, k, store.key, progress and executor.job_progress,
                  max_patches), job_resources(cfg, store.source), work=str(work.root.absolute()), needs=("folds.csv",))
-            for k in range(store.n_folds) if _fold_splits(store, k, train_fnames, test_fnames)]
+            for k in todo]
     for done in executor.run(jobs):
         for key in ("clips", "patches", "folds_done"):
             stats[key] += done[key]
-    for k in range(store.n_folds):  # the jobs wrote through their own handles on the store
+    for k in todo:  # those jobs wrote through their own handles on the store
         for split in (store.train_split(k), store.test_split(k)):
             store.index(split, refresh=True)
     stats["seconds"] = time.perf_counter() - start

@@ -42,6 +42,7 @@ import csv
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -100,8 +101,7 @@ def node_identity() -> str:
     two nodes on one machine share the address); the hostname outside Ray."""
     host = socket.gethostname()
     try:
-        import sys
-        if "ray" in sys.modules:
+        if "ray" in sys.modules:  # only a process that runs Ray already has it imported
             import ray
             import ray.util
             node = ray.get_runtime_context().get_node_id()[:8] if ray.is_initialized() else ""
